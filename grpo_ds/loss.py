@@ -1,0 +1,233 @@
+"""The GRPO policy loss (DeepSeekMath, Shao et al. 2024, eq. 3) with its common variants.
+
+Per completion token t of completion o_i (all tensors [N, T], N sequences, T padded length):
+
+    rho_t     = exp(policy_logprobs - old_logprobs)                       (pi_theta / pi_old)
+    surrogate = min(rho_t * A, clip(rho_t, 1 - epsilon_low, 1 + epsilon_high) * A)
+    loss_t    = -surrogate + beta * KL_t                                  KL_t ~ KL(pi_theta || pi_ref)
+
+KL estimators (Schulman, "Approximating KL divergence"), with log_r = ref_logprobs - policy_logprobs:
+    k1 = -log_r                  unbiased, can be negative per token
+    k2 = 0.5 * log_r**2          biased, >= 0
+    k3 = exp(log_r) - log_r - 1  unbiased, >= 0 (the paper's choice and our default)
+
+Aggregation over the tokens of ONE optimizer step (all ranks, all accumulation micro-batches):
+    "grpo"        1/num_sequences * sum_i (1/|o_i| sum_t loss_t)       (paper: 1/G sum_i 1/|o_i| sum_t)
+    "token_mean"  1/num_tokens * sum_{i,t} loss_t                      (DAPO; "bnpo" is an alias)
+    "dr_grpo"     1/(num_sequences * max_completion_length) * sum_{i,t} loss_t   (Dr. GRPO)
+A call sees one micro-batch but divides by the step's GLOBAL counts, so summing the returned losses
+over micro-batches and ranks gives the step's loss, however the step was split.
+
+With mu = 1 (old_logprobs=None) rho is exactly 1 in value but still carries the gradient, so the
+loss value of group-normalised advantages is 0 while its gradient is not ("loss is 0" is expected).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+AGGREGATIONS = ("grpo", "token_mean", "bnpo", "dr_grpo")
+
+# k3 needs exp(log_r). |log_r| > 20 means one policy is e^20 ~ 5e8 times likelier than the other on
+# that token: the run is already broken there, and we prefer a finite, saturated value (gradient 0
+# for that token) over inf/NaN reaching the optimizer. Inside the range k3 is exact.
+K3_LOG_RATIO_LIMIT = 20.0
+
+# Token-mean metrics: mean key -> the summed key it is computed from (divided by "token_count").
+_MEAN_OF_SUM = {
+    "kl": "kl/sum",
+    "entropy": "entropy/sum",
+    "clip_ratio/low_mean": "clip_ratio/low_sum",
+    "clip_ratio/high_mean": "clip_ratio/high_sum",
+    "clip_ratio/region_mean": "clip_ratio/region_sum",
+    "ratio/mean": "ratio/sum",
+    "advantage/mean": "advantage/sum",
+}
+_SUMMED = ("loss", "token_count", "sequence_count", "advantage/sq_sum", *_MEAN_OF_SUM.values())
+
+
+def per_token_kl(
+    policy_logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k3"
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from sampled-token log-probs, same shape.
+
+    Gradients wrt policy_logprobs: k1 -> 1, k2 -> policy - ref, k3 -> 1 - exp(ref - policy)
+    (k3: 0 where |ref - policy| > K3_LOG_RATIO_LIMIT, see the constant).
+    """
+    log_r = ref_logprobs - policy_logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r.square()
+    if estimator == "k3":
+        log_r = log_r.clamp(-K3_LOG_RATIO_LIMIT, K3_LOG_RATIO_LIMIT)
+        # expm1(x) - x rather than exp(x) - x - 1: no cancellation near 0, so never below 0.
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def grpo_loss(
+    policy_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    aggregation: str = "grpo",
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+    max_completion_length: int | None = None,
+    entropy: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO loss of one micro-batch, scaled as its share of the whole optimizer step.
+
+    policy_logprobs [N, T]: log pi_theta of the sampled tokens (carries the gradient).
+    old_logprobs [N, T] or None: log pi_old at sampling time; None means mu = 1 (ratio == 1).
+    ref_logprobs [N, T] or None: log pi_ref; may be None only when beta == 0. When given with
+        beta == 0 it is used for the "kl" metric only.
+    advantages [N] (outcome, broadcast over tokens) or [N, T] (process supervision); treated as
+        constants (detached).
+    completion_mask [N, T]: 1 for completion tokens, 0 for padding. Values at padded positions are
+        ignored, even NaN/inf, and sequences with no tokens add 0 (no NaN).
+    num_sequences, num_tokens: GLOBAL counts of the optimizer step (all ranks and micro-batches;
+        python numbers). None means this call is the whole step (use this call's N / mask.sum()).
+    max_completion_length: the constant length normaliser of "dr_grpo" (required for it).
+    entropy [N, T] or None: per-token entropy, only for the "entropy" metric.
+
+    Returns (loss: 0-dim tensor, metrics: dict of python floats, see `_loss_metrics`).
+    """
+    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    _check_args(policy_logprobs, advantages, completion_mask, ref_logprobs, beta, kl_estimator,
+                aggregation, max_completion_length, epsilon_low, epsilon_high)
+    mask = completion_mask.bool()
+    dtype = torch.promote_types(policy_logprobs.dtype, torch.float32)
+
+    def valid(x: torch.Tensor) -> torch.Tensor:
+        # Zero padded positions BEFORE any exp, so garbage there cannot make inf/NaN (or NaN grads).
+        return torch.where(mask, x.to(dtype), 0.0)
+
+    policy = valid(policy_logprobs)
+    old = policy.detach() if old_logprobs is None else valid(old_logprobs)
+    adv = advantages.detach().to(dtype)
+    adv = valid(adv[:, None].expand_as(policy) if adv.dim() == 1 else adv)
+
+    ratio = torch.exp(policy - old)  # [N, T]; exactly 1 in value when old is None
+    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
+    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    kl = None
+    if ref_logprobs is not None:
+        kl = per_token_kl(policy, valid(ref_logprobs), kl_estimator)
+        if beta != 0.0:
+            per_token = per_token + beta * kl
+    per_token = torch.where(mask, per_token, 0.0)
+
+    loss = _aggregate(per_token, mask, aggregation, num_sequences, num_tokens,
+                      max_completion_length)
+    metrics = _loss_metrics(loss, ratio, adv, mask, epsilon_low, epsilon_high, kl, entropy)
+    return loss, metrics
+
+
+def _aggregate(per_token, mask, aggregation, num_sequences, num_tokens, max_completion_length):
+    """Reduce [N, T] per-token losses (0 at padding) to this micro-batch's share of the step."""
+    n_seq = float(per_token.shape[0] if num_sequences is None else num_sequences)
+    if aggregation == "grpo":
+        lengths = mask.sum(dim=1).clamp(min=1)  # empty sequences: 0 / 1 = 0, not NaN
+        return (per_token.sum(dim=1) / lengths).sum() / max(n_seq, 1.0)
+    if aggregation in ("token_mean", "bnpo"):
+        if num_tokens is None:  # stay on the device: no host sync for the local count
+            return per_token.sum() / mask.sum().clamp(min=1)
+        return per_token.sum() / max(float(num_tokens), 1.0)
+    # dr_grpo: a constant normaliser, so no length bias between short and long completions.
+    return per_token.sum() / max(n_seq * max_completion_length, 1.0)
+
+
+@torch.no_grad()
+def _loss_metrics(loss, ratio, adv, mask, epsilon_low, epsilon_high, kl=None, entropy=None):
+    """Detached metrics over this micro-batch's valid tokens, as python floats.
+
+    Mergeable raw values: "loss" (this micro-batch's share; sums to the step loss), "token_count",
+    "sequence_count", every "*/sum" and "advantage/sq_sum" (add them up), "ratio/min" (take the
+    min) and "ratio/max" (take the max). The token means ("kl", "entropy", "clip_ratio/low_mean",
+    "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio/mean", "advantage/mean") and
+    "advantage/std" are derived from those; `merge_loss_metrics` recomputes them exactly for several
+    micro-batches or ranks. "kl" is the chosen estimator's mean (k3 by default, as TRL logs).
+    "clip_ratio/low" counts tokens where the clipped branch is active with A < 0 and
+    rho < 1 - eps_low, "high" with A > 0 and rho > 1 + eps_high: their gradient is zero.
+    "kl" and "entropy" are present only when ref_logprobs / entropy were given.
+    """
+    low = (ratio < 1.0 - epsilon_low) & (adv < 0) & mask
+    high = (ratio > 1.0 + epsilon_high) & (adv > 0) & mask
+    inf = torch.tensor(math.inf, dtype=ratio.dtype, device=ratio.device)
+    raw = {
+        "loss": loss.detach(),
+        "token_count": mask.sum(),
+        "sequence_count": torch.tensor(mask.shape[0], device=mask.device),
+        "clip_ratio/low_sum": low.sum(),
+        "clip_ratio/high_sum": high.sum(),
+        "clip_ratio/region_sum": (low | high).sum(),
+        "ratio/sum": torch.where(mask, ratio, 0.0).sum(),
+        "ratio/min": torch.where(mask, ratio, inf).min() if mask.numel() else inf,
+        "ratio/max": torch.where(mask, ratio, -inf).max() if mask.numel() else -inf,
+        "advantage/sum": torch.where(mask, adv, 0.0).sum(),
+        "advantage/sq_sum": torch.where(mask, adv.square(), 0.0).sum(),
+    }
+    if kl is not None:
+        raw["kl/sum"] = torch.where(mask, kl, 0.0).sum()
+    if entropy is not None:
+        raw["entropy/sum"] = torch.where(mask, entropy.detach().to(ratio.dtype), 0.0).sum()
+    # One device->host copy for all values instead of one sync per .item().
+    values = torch.stack([v.to(ratio.dtype) for v in raw.values()]).tolist()
+    return _with_means(dict(zip(raw, values)))
+
+
+def merge_loss_metrics(parts: Iterable[dict[str, float]]) -> dict[str, float]:
+    """Combine `grpo_loss` metrics of several micro-batches and/or ranks exactly.
+
+    Sums the summed keys, takes min/max of "ratio/min"/"ratio/max", and recomputes the means, so
+    merging the 4 micro-batches of a step gives the same numbers as one call over the whole step.
+    Across ranks: gather each rank's (merged) dict, e.g. with all_gather_object, and merge again.
+    """
+    parts = list(parts)
+    merged = {k: sum(p[k] for p in parts) for k in _SUMMED if k in parts[0]}
+    merged["ratio/min"] = min(p["ratio/min"] for p in parts)
+    merged["ratio/max"] = max(p["ratio/max"] for p in parts)
+    return _with_means(merged)
+
+
+def _with_means(raw: dict[str, float]) -> dict[str, float]:
+    count = raw["token_count"]
+    out = dict(raw)
+    for mean_key, sum_key in _MEAN_OF_SUM.items():
+        if sum_key in raw:
+            out[mean_key] = raw[sum_key] / count if count else 0.0
+    mean_sq = raw["advantage/sq_sum"] / count if count else 0.0
+    out["advantage/std"] = math.sqrt(max(mean_sq - out["advantage/mean"] ** 2, 0.0))
+    return out
+
+
+def _check_args(policy, advantages, mask, ref, beta, kl_estimator, aggregation,
+                max_completion_length, epsilon_low, epsilon_high):
+    if policy.dim() != 2 or mask.shape != policy.shape:
+        raise ValueError(f"policy_logprobs and completion_mask must both be [N, T], got "
+                         f"{tuple(policy.shape)} and {tuple(mask.shape)}")
+    if advantages.shape not in (policy.shape[:1], policy.shape):
+        raise ValueError(f"advantages must be [N] or [N, T], got {tuple(advantages.shape)} "
+                         f"for logprobs {tuple(policy.shape)}")
+    if ref is None and beta != 0.0:
+        raise ValueError("beta != 0 needs ref_logprobs")
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "dr_grpo" and not max_completion_length:
+        raise ValueError("aggregation='dr_grpo' needs max_completion_length")
+    if epsilon_low < 0 or epsilon_high < 0:
+        raise ValueError(f"clip epsilons must be >= 0, got {epsilon_low}, {epsilon_high}")
