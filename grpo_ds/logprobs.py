@@ -1,0 +1,100 @@
+"""Per-token log-probs (and entropy) of sampled tokens, without materialising [N, T, V] logits.
+
+    logprob_t = log softmax(project(hidden_t) / temperature)[target_t]
+    entropy_t = -sum_v p_v log p_v        of the same temperature-scaled distribution
+
+The vocabulary V is large (32k-256k), so the logits of a whole batch dwarf everything else in a
+GRPO step: N*T*V*4 bytes in float32, and autograd would keep them for backward. `token_logprobs`
+flattens the N*T positions and works on chunk_size rows at a time: logits in the model's dtype,
+only the chunk upcast to float32, then log-softmax and gather. Under autograd each chunk runs in
+torch.utils.checkpoint (non-reentrant), so backward recomputes one chunk's logits at a time too.
+Peak extra memory is then about 3 * chunk_size * V * 4 bytes, independent of N and T.
+
+`project` is called like a module (the model's lm_head): under DeepSpeed ZeRO-3 the call is what
+gathers its partitioned weight, so we never touch `.weight`. Each chunk calls it once in forward and
+once more in backward; a bigger chunk_size means fewer of those calls (and gathers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def logits_to_token_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference implementation from full logits [..., V] -> (logprobs [...], entropy [...] or None).
+
+    target_ids [...] must be valid vocabulary ids everywhere (use any id, e.g. pad, at padding).
+    Results are float32 (float64 if the logits are float64).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        logits = logits / temperature
+    # log p[target] = logit[target] - logsumexp(logits): no [.., V] log-softmax output is kept.
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - normaliser
+    if not with_entropy:
+        return logprobs, None
+    # H = logsumexp - sum_v p_v * logit_v
+    entropy = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return logprobs, entropy
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    target_ids: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    with_entropy: bool = False,
+    use_checkpoint: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked log-probs of target_ids, hidden [N, T, H] -> (logprobs [N, T], entropy or None).
+
+    hidden: the final hidden states aligned with target_ids [N, T] (position t predicts target t).
+    project: hidden [n, H] -> logits [n, V], e.g. the model's lm_head module.
+    chunk_size: rows (positions) per chunk; need not divide N*T.
+    use_checkpoint: recompute each chunk in backward; None means "when autograd is recording".
+    Returns float32 tensors (float64 for a float64 model), with a graph to hidden and project's
+    parameters when autograd is on. Same values as logits_to_token_logprobs(project(hidden), ...).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    n, t, h = hidden.shape
+    if target_ids.shape != (n, t):
+        raise ValueError(f"target_ids must be {(n, t)}, got {tuple(target_ids.shape)}")
+    if use_checkpoint is None:
+        use_checkpoint = torch.is_grad_enabled()
+    flat_hidden = hidden.reshape(n * t, h)
+    flat_targets = target_ids.reshape(n * t)
+
+    def chunk_fn(hidden_chunk: torch.Tensor, target_chunk: torch.Tensor):
+        logits = project(hidden_chunk)  # [chunk, V] in the model's dtype
+        logprobs, entropy = logits_to_token_logprobs(
+            logits, target_chunk, temperature, with_entropy=with_entropy)
+        return (logprobs, entropy) if with_entropy else (logprobs,)
+
+    pieces = []
+    for start in range(0, n * t, chunk_size):
+        args = (flat_hidden[start:start + chunk_size], flat_targets[start:start + chunk_size])
+        if use_checkpoint:
+            pieces.append(checkpoint(chunk_fn, *args, use_reentrant=False))
+        else:
+            pieces.append(chunk_fn(*args))
+    if not pieces:  # N*T == 0
+        empty = hidden.new_zeros(n, t, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return empty, (empty.clone() if with_entropy else None)
+    logprobs = torch.cat([p[0] for p in pieces]).reshape(n, t)
+    entropy = torch.cat([p[1] for p in pieces]).reshape(n, t) if with_entropy else None
+    return logprobs, entropy
