@@ -1,0 +1,457 @@
+"""Typed training configuration: YAML plus `--section.key=value` overrides, validated once.
+
+This is the single place for batch arithmetic. One GRPO step samples `prompts_per_step` prompts x
+`group_size` completions (the step's sequences), split evenly over ranks and then into micro-batches
+of `micro_batch_size` sequences; the quotient is DeepSpeed's gradient-accumulation count.
+`validate()` runs in the CLI before any rank starts, so a bad value fails in seconds with the field
+and the value named, not minutes later inside a rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the field and the value."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face model directory. None builds the embedded default task's tiny Llama."""
+    dtype: str = "float32"
+    """Training dtype: float32 or bfloat16 (fp16 is unreliable on CPU and not offered)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    hidden_size: int = 128
+    """Built-in model only: width of the Llama built for the default task."""
+    num_layers: int = 2
+    """Built-in model only: number of decoder layers."""
+    num_heads: int = 4
+    """Built-in model only: attention heads."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"
+    """Built-in synthetic task (`arithmetic`) or `dataset` to train on `data`."""
+    digits: int = 2
+    """arithmetic: operands have 1..digits digits."""
+    carry_drop: float = 0.75
+    """arithmetic: fraction of carrying problems whose demonstration drops the carry (bad SFT)."""
+    eval_size: int = 512
+    """arithmetic: held-out problems for greedy accuracy."""
+    seed: int = 1234
+    """arithmetic: seed of the problem generator (train and eval sets are disjoint)."""
+
+
+@dataclass
+class WarmupConfig:
+    enabled: bool = True
+    """Supervised warm-up on the task's (imperfect) demonstrations before GRPO."""
+    max_steps: int = 600
+    """Upper bound on warm-up optimizer steps."""
+    batch_size: int = 128
+    """Demonstrations per warm-up optimizer step (global, all ranks)."""
+    lr: float = 3e-3
+    """Warm-up learning rate (AdamW)."""
+    eval_every: int = 50
+    """Evaluate held-out greedy accuracy every N warm-up steps (the plateau curve)."""
+    patience: int = 3
+    """Stop after this many evaluations without a gain of more than `min_gain`."""
+    min_gain: float = 0.01
+    """Accuracy gain that counts as progress for the plateau test."""
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None
+    """task=dataset: local JSON/JSONL/CSV/Parquet file (or a `datasets` name)."""
+    eval_path: str | None = None
+    """task=dataset: held-out file for periodic evaluation."""
+    prompt_column: str = "prompt"
+    """Column holding the prompt (or the question a template formats)."""
+    answer_column: str = "answer"
+    """Column holding the reference answer, passed to rewards as `answer`."""
+    template: str | None = None
+    """Prompt template using column names, e.g. `Question: {question}\\nAnswer:`."""
+    use_chat_template: bool = False
+    """Format prompts with the tokenizer's chat template."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens; longer ones are handled per `overlong_prompts`."""
+    overlong_prompts: str = "truncate"
+    """`truncate` (keep the end) or `drop`; either way they are counted."""
+
+
+@dataclass
+class RewardsConfig:
+    functions: list[str] = field(default_factory=lambda: ["exact_answer"])
+    """Reward functions: built-in names, `pkg.module:fn` or `path/file.py:fn`."""
+    weights: list[float] | None = None
+    """One weight per function (default all 1.0)."""
+    on_error: str = "raise"
+    """A reward function that raises: `raise` (stop, naming it) or `skip` (reward None, counted)."""
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """G: completions sampled per prompt."""
+    max_new_tokens: int = 8
+    """Longest completion in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    gather: str = "auto"
+    """Weight gathering for generation: `auto` (from the budget), `full` or `layers`."""
+    memory_budget_gb: float | None = None
+    """Device memory the gathered weights may take; None means the full model fits."""
+    logprob_tolerance: float = 1e-3
+    """mu > 1: sampled log-probs serve as old log-probs while their gap to the trainer's forward is below this."""
+
+
+@dataclass
+class GRPOConfig:
+    beta: float = 0.04
+    """KL coefficient. 0 skips the reference model entirely."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3 (unbiased, >= 0)."""
+    kl_in_reward: bool = False
+    """PPO-style: subtract beta x KL from the reward instead of adding it to the loss."""
+    epsilon_low: float = 0.2
+    """Lower clip range: ratio >= 1 - epsilon_low."""
+    epsilon_high: float | None = None
+    """Upper clip range (DAPO clip-higher); None means epsilon_low."""
+    loss_aggregation: str = "grpo"
+    """`grpo` (per-sequence mean), `token_mean` (DAPO/BNPO) or `dr_grpo`."""
+    scale_rewards: str = "group"
+    """Advantage std scaling: `group`, `batch` or `none` (Dr. GRPO)."""
+    num_iterations: int = 1
+    """mu: optimizer steps per batch of samples (old log-probs are needed when > 1)."""
+    filter_tied_groups: bool = False
+    """Drop groups whose rewards all tie (DAPO dynamic sampling); their advantage is 0 anyway."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60
+    """GRPO steps (one batch of samples each)."""
+    prompts_per_step: int = 32
+    """Prompts per GRPO step, all ranks together."""
+    micro_batch_size: int = 64
+    """Sequences per rank per forward/backward."""
+    lr: float = 1e-3
+    """Policy learning rate (AdamW, constant after warm-up)."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip (0 = off)."""
+    seed: int = 0
+    """Seed for model init, sampling and data order."""
+    eval_every: int = 10
+    """Held-out greedy evaluation every N GRPO steps (0 = only at start and end)."""
+    logprob_chunk_size: int = 4096
+    """Rows of the logits computed at once for log-probs (memory = chunk x vocab)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON preset (ZeRO stage, offload, buckets). Batch fields are filled from `train`."""
+    reference_placement: str = "cpu_offload"
+    """Reference model: `cpu_offload` (ZeRO-3, params on CPU), `sharded`, or `none` (needs beta=0)."""
+    num_gpus: int | None = None
+    """Local ranks `grpo-ds train` launches: default every GPU, or 2 on a machine without GPUs."""
+    master_port: int | None = None
+    """Rendezvous port for `grpo-ds train` (default: a free one)."""
+
+
+@dataclass
+class OutputConfig:
+    run_dir: str = "runs/default"
+    """Where event files, metrics.jsonl, summary.json and the model go."""
+    save_model: bool = True
+    """Write a Hugging Face model directory (safetensors + tokenizer) at the end."""
+    log_samples_every: int = 10
+    """Log text samples to TensorBoard every N steps (0 = never)."""
+    quiet: bool = False
+    """No progress line; only the final summary."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _coerce(value, annotation: str, where: str):
+    """Turn a YAML value or a command-line string into the field's declared type."""
+    kind = annotation.replace(" ", "")
+    optional = kind.endswith("|None")
+    kind = kind.removesuffix("|None")
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: must not be null")
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind == "str":
+            return str(value)
+        if kind.startswith("list["):
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.startswith("[") else value.split(",")
+            if not isinstance(value, list):
+                raise ValueError
+            inner = kind[5:-1]
+            return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
+    raise ConfigError(f"{where}: unsupported field type {annotation}")
+
+
+def _apply(cfg: Config, section: str, key: str, value, source: str) -> None:
+    if not hasattr(cfg, section) or section.startswith("_"):
+        names = ", ".join(f.name for f in dataclasses.fields(Config))
+        raise ConfigError(f"{source}: unknown section '{section}' (sections: {names})")
+    sub = getattr(cfg, section)
+    hints = {f.name: f.type for f in dataclasses.fields(sub)}
+    if key not in hints:
+        raise ConfigError(
+            f"{source}: unknown field '{section}.{key}' (fields: {', '.join(hints)})"
+        )
+    setattr(sub, key, _coerce(value, str(hints[key]), f"{section}.{key}"))
+
+
+def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config (None = the embedded default) and apply `section.key=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, path)
+    for item in overrides:
+        text = item.removeprefix("--")
+        if "=" not in text or "." not in text.split("=", 1)[0]:
+            raise ConfigError(f"override '{item}': expected --section.key=value")
+        dotted, value = text.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section, key, value, f"override '{item}'")
+    return cfg
+
+
+def resolve_path(path: str) -> Path:
+    """A relative path is taken from the working directory, else from the repo (presets)."""
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    for base in (REPO_ROOT, PACKAGE_CONFIGS.parent):
+        if (base / path).exists():
+            return base / path
+    return candidate
+
+
+# ---------------------------------------------------------------------------------------------
+# validation and batch arithmetic
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "task.name": ("arithmetic", "dataset"),
+    "data.overlong_prompts": ("truncate", "drop"),
+    "rewards.on_error": ("raise", "skip"),
+    "rollout.gather": ("auto", "full", "layers"),
+    "grpo.kl_estimator": ("k1", "k2", "k3"),
+    "grpo.loss_aggregation": ("grpo", "token_mean", "dr_grpo"),
+    "grpo.scale_rewards": ("group", "batch", "none"),
+    "deepspeed.reference_placement": ("cpu_offload", "sharded", "none"),
+}
+
+POSITIVE = (
+    "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature", "train.steps",
+    "train.prompts_per_step", "train.micro_batch_size", "train.lr", "grpo.num_iterations",
+    "train.logprob_chunk_size", "warmup.batch_size", "warmup.eval_every", "task.digits",
+)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one GRPO step's sequences divide over ranks and micro-batches."""
+
+    world_size: int
+    prompts_per_rank: int
+    sequences_per_step: int  # prompts_per_step x group_size, all ranks
+    sequences_per_rank: int
+    micro_batch_size: int  # sequences per forward/backward
+    grad_accum: int  # micro-batches per optimizer step on each rank
+
+
+def _get(cfg: Config, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
+    prompts, group = cfg.train.prompts_per_step, cfg.rollout.group_size
+    micro = cfg.train.micro_batch_size
+    if prompts % world_size:
+        raise ConfigError(
+            f"train.prompts_per_step={prompts} does not divide over {world_size} ranks: "
+            f"each rank samples whole groups, use a multiple of {world_size}"
+        )
+    per_rank = prompts // world_size * group
+    if per_rank % micro:
+        options = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+        raise ConfigError(
+            f"train.micro_batch_size={micro} does not divide the {per_rank} sequences each rank "
+            f"gets per step (train.prompts_per_step={prompts} x rollout.group_size={group} "
+            f"/ {world_size} ranks); valid values: {options}"
+        )
+    return BatchPlan(world_size, prompts // world_size, prompts * group, per_rank, micro,
+                     per_rank // micro)
+
+
+def validate(cfg: Config, world_size: int) -> BatchPlan:
+    """Check every field once, before any rank starts. Raises ConfigError naming field and value."""
+    for dotted, allowed in CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r}: must be one of {', '.join(allowed)}")
+    for dotted in POSITIVE:
+        if not _get(cfg, dotted) > 0:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)!r}: must be > 0")
+    if cfg.rollout.group_size < 2:
+        raise ConfigError(
+            f"rollout.group_size={cfg.rollout.group_size}: GRPO needs at least 2 samples per "
+            "prompt (a group of one has advantage 0)"
+        )
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: must be in (0, 1]")
+    if cfg.rollout.top_k < 0:
+        raise ConfigError(f"rollout.top_k={cfg.rollout.top_k}: must be >= 0")
+    if cfg.grpo.beta < 0:
+        raise ConfigError(f"grpo.beta={cfg.grpo.beta}: must be >= 0")
+    if cfg.grpo.epsilon_low < 0 or (cfg.grpo.epsilon_high or 0) < 0:
+        raise ConfigError("grpo.epsilon_low / grpo.epsilon_high: must be >= 0")
+    if cfg.grpo.beta > 0 and cfg.deepspeed.reference_placement == "none":
+        raise ConfigError(
+            f"deepspeed.reference_placement='none' needs grpo.beta=0 (got {cfg.grpo.beta}): "
+            "the KL term needs the reference model"
+        )
+    if not 0 <= cfg.task.carry_drop <= 1:
+        raise ConfigError(f"task.carry_drop={cfg.task.carry_drop}: must be in [0, 1]")
+    weights = cfg.rewards.weights
+    if weights is not None and len(weights) != len(cfg.rewards.functions):
+        raise ConfigError(
+            f"rewards.weights has {len(weights)} entries but rewards.functions has "
+            f"{len(cfg.rewards.functions)}"
+        )
+    if cfg.task.name == "dataset" and not cfg.data.train_path:
+        raise ConfigError("data.train_path: required when task.name='dataset'")
+    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path={cfg.model.path!r}: no config.json there (a local HF model dir)")
+    if cfg.task.name == "dataset" and cfg.model.path is None:
+        raise ConfigError("model.path: required when task.name='dataset' (a local HF model dir)")
+    load_ds_preset(cfg.deepspeed.config)
+    return batch_plan(cfg, world_size)
+
+
+def load_ds_preset(path: str) -> dict:
+    file = resolve_path(path)
+    if not file.is_file():
+        raise ConfigError(f"deepspeed.config={path!r}: file not found")
+    try:
+        preset = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config={path!r}: not valid JSON: {err}") from None
+    autos = [k for k, v in _flatten(preset) if v == "auto"]
+    if autos:
+        raise ConfigError(
+            f"deepspeed.config={path!r}: 'auto' values are only resolved by the HF Trainer and "
+            f"DeepSpeed drops them silently; set {', '.join(autos)} explicitly"
+        )
+    return preset
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict:
+    """The preset with the batch, precision, clipping and optimizer filled from the training config."""
+    ds = load_ds_preset(cfg.deepspeed.config)
+    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
+    ds["gradient_accumulation_steps"] = plan.grad_accum
+    ds["train_batch_size"] = plan.micro_batch_size * plan.grad_accum * plan.world_size
+    ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}
+    ds["gradient_clipping"] = cfg.train.grad_clip
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = ds["optimizer"].setdefault("params", {})
+    params.update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    params.setdefault("betas", [0.9, 0.999])
+    if offload == "none":
+        # Without offload DeepSpeed would pick FusedAdam, which needs a CUDA build.
+        params.setdefault("torch_adam", True)
+    if cfg.train.lr_warmup_steps:
+        ds["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.train.lr,
+            "warmup_num_steps": cfg.train.lr_warmup_steps, "warmup_type": "linear"}}
+    ds.setdefault("steps_per_print", 10**9)
+    return ds

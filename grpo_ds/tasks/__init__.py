@@ -1,0 +1,1 @@
+"""Built-in tasks: everything a run needs (data, tokenizer, demonstrations), built locally."""
