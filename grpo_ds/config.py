@@ -95,7 +95,7 @@ class DataConfig:
 
 @dataclass
 class RewardsConfig:
-    functions: list[str] = field(default_factory=lambda: ["exact_answer"])
+    functions: list[str] = field(default_factory=lambda: ["grpo_ds.tasks.arithmetic:exact_answer"])
     """Reward functions: built-in names, `pkg.module:fn` or `path/file.py:fn`."""
     weights: list[float] | None = None
     """One weight per function (default all 1.0)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL = ["<pad>", "<bos>", "<eos>"]
@@ -29,6 +29,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()
+    # add_special_tokens=True prepends <bos>, like the tokenizers of real models.
+    core.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
         padding_side="left",
@@ -93,3 +96,35 @@ class ArithmeticTask:
 def exact_answer(prompts, completions, answer, **kwargs) -> list[float]:
     """Reward 1.0 when the completion is exactly the reference answer (TRL reward signature)."""
     return [float(c.strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+class ArithmeticSource:
+    """Prompts for one rank: the step's global problems come from a generator seeded by the step,
+    so a resumed run sees the same problems, and each rank takes its own slice."""
+
+    def __init__(self, task: ArithmeticTask, prompts_per_step: int, rank: int, world: int,
+                 seed: int):
+        self.task, self.rank, self.world, self.seed = task, rank, world, seed
+        self.prompts_per_step = prompts_per_step
+
+    def _rows(self, problems: list[Problem]) -> list[dict]:
+        return [{"prompt": p.prompt, "answer": p.answer} for p in problems]
+
+    def _slice(self, items: list) -> list:
+        per_rank = len(items) // self.world
+        return items[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def step_rows(self, step: int) -> list[dict]:
+        rng = random.Random(f"{self.seed}-grpo-{step}")
+        problems = [self.task.sample(rng) for _ in range(self.prompts_per_step)]
+        return self._rows(self._slice(problems))
+
+    def eval_rows(self) -> list[dict]:
+        """This rank's share of the held-out set (ranks together cover all of it)."""
+        return self._rows(self.task.eval_problems[self.rank::self.world])
+
+    def demonstrations(self, step: int, batch_size: int) -> list[tuple[str, str]]:
+        """This rank's (prompt, demonstration) pairs for warm-up step `step`."""
+        rng = random.Random(f"{self.seed}-sft-{step}")
+        problems = [self.task.sample(rng) for _ in range(batch_size)]
+        return [(p.prompt, self.task.demonstration(p, rng)) for p in self._slice(problems)]

@@ -1,0 +1,105 @@
+"""`grpo-ds`: train, plan, bench, export, plot.
+
+`grpo-ds train` validates the config in this process (seconds, before any rank exists), then
+starts the `deepspeed` launcher with N local ranks running `grpo_ds.train`. N defaults to every
+GPU, or 2 on a machine without GPUs (DeepSpeed's own default on CPU is the NUMA-node count: 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+from grpo_ds.config import ConfigError, load_config, validate
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_num_ranks() -> int:
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return 2
+    return max(1, accelerator.device_count())
+
+
+def launcher_command(config: str | None, overrides: list[str], num_ranks: int, port: int) -> list[str]:
+    launcher = shutil.which("deepspeed") or "deepspeed"
+    command = [launcher, "--num_gpus", str(num_ranks), "--master_port", str(port),
+               "--module", "grpo_ds.train"]
+    return command + ([config] if config else []) + overrides
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    overrides = [a for a in extra if a.startswith("--") and "=" in a]
+    unknown = [a for a in extra if a not in overrides]
+    if unknown:
+        print(f"grpo-ds train: unexpected arguments {unknown}; overrides look like "
+              "--section.key=value", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, overrides)
+        num_ranks = cfg.deepspeed.num_gpus or default_num_ranks()
+        validate(cfg, num_ranks)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    port = cfg.deepspeed.master_port or free_port()
+    command = launcher_command(args.config, overrides, num_ranks, port)
+    print(f"launching {num_ranks} ranks: {' '.join(command)}", flush=True)
+    # Own process group, so one Ctrl-C / SIGTERM reaches the launcher and its ranks together.
+    process = subprocess.Popen(command, start_new_session=True)
+
+    def forward(signum, _frame):
+        os.killpg(process.pid, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    return process.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="grpo-ds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run GRPO (no CONFIG: the embedded default)")
+    train.add_argument("config", nargs="?", help="YAML config; overrides: --section.key=value")
+    sub.add_parser("plan", help="per-rank memory plan before launch", add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks: generation, step, memory")
+    bench.add_argument("which", choices=["generation", "step", "memory"])
+    sub.add_parser("export", help="checkpoint -> Hugging Face model directory", add_help=False)
+    sub.add_parser("plot", help="PNG of a run's main curves", add_help=False)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":
+        return cmd_train(args, extra)
+    if args.command == "plan":
+        from grpo_ds.plan_cli import main as plan_main
+
+        return plan_main(extra)
+    if args.command == "bench":
+        import importlib
+
+        module = importlib.import_module(f"grpo_ds.bench.{args.which}")
+        return module.main(extra)
+    if args.command == "export":
+        from grpo_ds.export import main as export_main
+
+        return export_main(extra)
+    if args.command == "plot":
+        from grpo_ds.plot import main as plot_main
+
+        return plot_main(extra)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

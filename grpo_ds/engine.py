@@ -1,0 +1,89 @@
+"""DeepSpeed engines: the ZeRO-3 policy (the only `deepspeed.initialize` with an optimizer) and the
+frozen reference (ZeRO-3, parameters offloaded to CPU, no optimizer).
+
+Both load a local Hugging Face directory under a live `HfDeepSpeedConfig`, so transformers builds
+the model inside `zero.Init` and a model larger than one device arrives already sharded.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from transformers.integrations import HfDeepSpeedConfig
+
+from grpo_ds.model import CausalLMWithLogprobs, load_pretrained
+
+
+def init_distributed() -> None:
+    """Join the launcher's process group; a single process without a launcher runs as world 1."""
+    if "RANK" not in os.environ:
+        # Without these, init_distributed falls back to mpi4py discovery.
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    set_threads_per_rank()
+
+
+def set_threads_per_rank() -> None:
+    """Give each local rank its share of the cores, so 2 ranks on 2 cores do not fight."""
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if get_accelerator().device_name() == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
+
+
+def load_sharded(path: str, ds_config: dict, dtype: str):
+    """Load a HF model from `path`, partitioned at load time when `ds_config` is ZeRO stage 3."""
+    # transformers consults the most recent HfDeepSpeedConfig through a weak reference:
+    # it must stay alive until from_pretrained returns.
+    live = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model, tokenizer = load_pretrained(path, dtype)
+    del live
+    return model, tokenizer
+
+
+def build_policy(lm: torch.nn.Module, ds_config: dict, chunk_size: int, gradient_checkpointing: bool):
+    """Wrap the HF model and hand it to DeepSpeed; returns the engine (optimizer inside)."""
+    if gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
+                                      config=ds_config)
+    return engine
+
+
+def reference_ds_config(policy_ds: dict, placement: str) -> dict:
+    """An inference-only ZeRO-3 config: same precision and partitioning knobs, no optimizer."""
+    zero = copy.deepcopy(policy_ds.get("zero_optimization", {}))
+    zero.pop("offload_optimizer", None)
+    zero["stage"] = 3
+    if placement == "cpu_offload":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": get_accelerator().is_available()
+                                 and get_accelerator().device_name() != "cpu"}
+    else:
+        zero.pop("offload_param", None)
+    return {
+        "train_micro_batch_size_per_gpu": policy_ds["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": policy_ds["train_micro_batch_size_per_gpu"]
+        * deepspeed.comm.get_world_size(),
+        "zero_optimization": zero,
+        "bf16": policy_ds.get("bf16", {"enabled": False}),
+        "steps_per_print": 10**9,
+    }
+
+
+def build_reference(path: str, policy_ds: dict, placement: str, dtype: str, chunk_size: int):
+    """The frozen reference: a separate engine, never stepped; None when placement is 'none'."""
+    if placement == "none":
+        return None
+    ds_config = reference_ds_config(policy_ds, placement)
+    lm, _ = load_sharded(path, ds_config, dtype)
+    lm.requires_grad_(False)
+    module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)
+    engine, *_ = deepspeed.initialize(model=module, config=ds_config)
+    engine.eval()
+    return engine

@@ -1,0 +1,121 @@
+"""The per-rank training entry point: `deepspeed [launcher args] --module grpo_ds.train [CONFIG] [--section.key=value ...]`.
+
+`grpo-ds train` starts exactly this under the `deepspeed` launcher; users with their own hostfile
+or SLURM script launch it themselves. It wires the parts together and hands over to the loop in
+`trainer.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import deepspeed.comm as dist
+
+from grpo_ds.config import Config, deepspeed_config, load_config, validate
+from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
+from grpo_ds.metrics import RunLogger
+from grpo_ds.model import build_tiny_llama, save_hf_model
+from grpo_ds.rewards import load_reward_function
+from grpo_ds.trainer import evaluate, run_grpo, summary_path
+from grpo_ds.warmup import run_warmup
+
+
+def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG.yaml] [--section.key=value ...]; drops the launcher's --local_rank."""
+    args = [a for a in argv if not a.startswith("--local_rank")]
+    config = args[0] if args and not args[0].startswith("--") else None
+    return config, args[1:] if config else args
+
+
+def make_source(cfg: Config, rank: int, world: int):
+    """Prompts and tokenizer of the task: the built-in arithmetic task or a dataset."""
+    if cfg.task.name == "arithmetic":
+        from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
+
+        task = ArithmeticTask(cfg.task.digits, cfg.task.carry_drop, cfg.task.eval_size,
+                              cfg.task.seed)
+        return ArithmeticSource(task, cfg.train.prompts_per_step, rank, world,
+                                cfg.train.seed), build_tokenizer()
+    from grpo_ds.data_source import DatasetSource
+
+    return DatasetSource.from_config(cfg, rank, world), None
+
+
+def warm_start(cfg: Config, source, tokenizer, logger, reward_fn) -> tuple[str, list[dict]]:
+    """Build the default task's tiny Llama, run the supervised warm-up, save it as a HF dir."""
+    from grpo_ds.rollout import HybridRollout
+
+    world = dist.get_world_size()
+    lm = build_tiny_llama(
+        len(tokenizer), cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads,
+        max_positions=64, seed=cfg.train.seed,
+        special={"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                 "pad_token_id": tokenizer.pad_token_id})
+    ds = deepspeed_config(cfg, validate(cfg, world))
+    ds.update(train_micro_batch_size_per_gpu=cfg.warmup.batch_size // world,
+              gradient_accumulation_steps=1, train_batch_size=cfg.warmup.batch_size)
+    ds["optimizer"]["params"]["lr"] = cfg.warmup.lr
+    ds.pop("scheduler", None)
+    engine = build_policy(lm, ds, cfg.train.logprob_chunk_size, False)
+    rollout = HybridRollout(engine.module.lm, pad_token_id=tokenizer.pad_token_id,
+                            tokenizer=tokenizer)
+    eval_rows = source.eval_rows()
+    curve = run_warmup(engine, tokenizer, source, cfg.warmup,
+                       lambda: evaluate(cfg, rollout, tokenizer, eval_rows, reward_fn,
+                                        engine.device),
+                       logger.print)
+    out_dir = Path(cfg.output.run_dir) / "sft_model"
+    save_hf_model(engine, tokenizer, out_dir)
+    engine.destroy()
+    return str(out_dir), curve
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(config_path, overrides)
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    plan = validate(cfg, world)
+    start = time.time()
+    run_dir = Path(cfg.output.run_dir)
+    logger = RunLogger(run_dir, rank, cfg.train.steps, cfg.output.quiet)
+    if rank == 0:
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    source, tokenizer = make_source(cfg, rank, world)
+    reward_names = [spec.rsplit(":", 1)[-1] for spec in cfg.rewards.functions]
+    reward_fns = [load_reward_function(spec) for spec in cfg.rewards.functions]
+
+    model_path, warmup_curve = cfg.model.path, None
+    if model_path is None:
+        model_path, warmup_curve = warm_start(cfg, source, tokenizer, logger, reward_fns[0])
+    ds = deepspeed_config(cfg, plan)
+    lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype)
+    policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, cfg.model.gradient_checkpointing)
+    reference = None
+    if cfg.grpo.beta > 0:
+        reference = build_reference(model_path, ds, cfg.deepspeed.reference_placement,
+                                    cfg.model.dtype, cfg.train.logprob_chunk_size)
+
+    result = run_grpo(cfg, plan, policy, reference, tokenizer, source, reward_fns,
+                      reward_names, logger)
+    if cfg.output.save_model:
+        save_hf_model(policy, tokenizer, run_dir / "model", cfg.model.dtype)
+    summary = {"accuracy_before": result["accuracy_before"],
+               "accuracy_after": result["accuracy_after"], "steps": cfg.train.steps,
+               "wall_seconds": round(time.time() - start, 1), "world_size": world,
+               "eval_curve": result["eval_curve"], "warmup_curve": warmup_curve}
+    if rank == 0:
+        summary_path(cfg.output.run_dir).write_text(json.dumps(summary, indent=2))
+        logger.print(json.dumps({k: v for k, v in summary.items()
+                                 if not k.endswith("curve")}))
+    logger.close()
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The GRPO training loop: rollout, score, advantages, reference, update, log. Read top to bottom.
+
+One step (DeepSeekMath, section 4, "iterative" GRPO without a value model):
+  1. each rank samples G completions for its prompts from the current policy (= pi_old),
+  2. rewards -> group-normalised advantages (no critic),
+  3. the frozen reference scores the completions (skipped when beta = 0),
+  4. mu optimizer steps over the batch, each a sum over micro-batches and ranks of the clipped
+     surrogate + beta * KL, normalised by the step's global counts.
+Old log-probs for mu > 1 are the detached log-probs of the first pass: that pass runs before the
+first optimizer step, so it is pi_old exactly and costs no extra forward.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import deepspeed.comm as dist
+import torch
+
+from grpo_ds.advantages import combine_rewards, group_advantages, tied_group_mask
+from grpo_ds.batch import RolloutBatch, join
+from grpo_ds.config import BatchPlan, Config
+from grpo_ds.loss import grpo_loss, merge_loss_metrics
+from grpo_ds.rewards import compute_rewards
+from grpo_ds.rollout import HybridRollout, SamplingParams, logprob_gap
+
+
+def sampling_params(cfg: Config, tokenizer, greedy: bool = False) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=cfg.rollout.max_new_tokens,
+        temperature=0.0 if greedy else cfg.rollout.temperature,
+        top_p=1.0 if greedy else cfg.rollout.top_p,
+        top_k=0 if greedy else cfg.rollout.top_k,
+        stop_token_ids=(tokenizer.eos_token_id,),
+    )
+
+
+def sample_seed(base: int, step: int, rank: int) -> int:
+    """A distinct, reproducible sampling seed per (run seed, step, rank)."""
+    return (base * 1_000_003 + step * 1_009 + rank) % (2**63)
+
+
+def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+    return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+            for row, m in zip(ids.cpu(), mask.cpu())]
+
+
+def generate_and_score(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict],
+                       reward_fns, reward_names, seed: int):
+    """Sample G completions per prompt and score them. Returns (batch, texts, metrics)."""
+    G = cfg.rollout.group_size
+    prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+    out = rollout.generate(prompt_ids, group_size=G, params=sampling_params(cfg, tokenizer),
+                           seed=seed)
+    completions = decode(tokenizer, out.completion_ids, out.completion_mask)
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+    columns["completion_ids"] = [ids[m.bool()].tolist() for ids, m in
+                                 zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
+    per_func, reward_stats = compute_rewards(reward_fns, reward_names, prompts, completions,
+                                             columns, on_error=cfg.rewards.on_error)
+    weights = torch.tensor(cfg.rewards.weights or [1.0] * len(reward_fns))
+    rewards, combine_stats = combine_rewards(per_func, weights, names=reward_names)
+    input_ids, attention_mask = join(out.prompt_ids, out.prompt_mask, out.completion_ids,
+                                     out.completion_mask)
+    batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask,
+                         completion_ids=out.completion_ids,
+                         completion_mask=out.completion_mask.float(),
+                         advantages=torch.zeros(len(prompts)),
+                         sampled_logprobs=out.sampled_logprobs)
+    lengths = out.completion_mask.sum(1).float()
+    metrics = {**reward_stats, **combine_stats,
+               "completions/mean_length": lengths.mean().item(),
+               "completions/min_length": lengths.min().item(),
+               "completions/max_length": lengths.max().item(),
+               "completions/clipped_ratio": out.truncated.float().mean().item(),
+               "time/generation": out.metrics.get("seconds", 0.0)}
+    return batch, rewards, (prompts, completions), metrics
+
+
+@torch.no_grad()
+def forward_logprobs(engine, batch: RolloutBatch, micro: int, temperature: float) -> torch.Tensor:
+    """Per-token log-probs [B*G, Tc] of the completions, micro-batched (reference or old policy)."""
+    chunks = []
+    for start in range(0, len(batch), micro):
+        part = batch.slice(start, start + micro)
+        logprobs, _ = engine(part.input_ids, part.attention_mask, part.completion_ids, temperature)
+        chunks.append(logprobs.float())
+    return torch.cat(chunks)
+
+
+def global_sum(value: float, device) -> float:
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item()
+
+
+def update(engine, batch: RolloutBatch, cfg: Config, plan: BatchPlan) -> dict:
+    """mu optimizer steps over this rank's batch; gradients summed over micro-batches and ranks."""
+    g = cfg.grpo
+    device = engine.device
+    num_sequences = global_sum((batch.completion_mask.sum(1) > 0).sum().item(), device)
+    num_tokens = global_sum(batch.completion_mask.sum().item(), device)
+    world = plan.world_size
+    old_chunks, micro_metrics = [], []
+    for iteration in range(g.num_iterations):
+        for index, start in enumerate(range(0, len(batch), plan.micro_batch_size)):
+            part = batch.slice(start, start + plan.micro_batch_size)
+            logprobs, entropy = engine(part.input_ids, part.attention_mask, part.completion_ids,
+                                       cfg.rollout.temperature, with_entropy=True)
+            if g.num_iterations > 1 and iteration == 0:
+                old_chunks.append(logprobs.detach())
+            old = old_chunks[index] if iteration > 0 else None
+            loss, metrics = grpo_loss(
+                logprobs, old, part.ref_logprobs, part.advantages, part.completion_mask,
+                epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+                beta=0.0 if g.kl_in_reward else g.beta, kl_estimator=g.kl_estimator,
+                aggregation=g.loss_aggregation, num_sequences=max(num_sequences, 1.0),
+                num_tokens=max(num_tokens, 1.0),
+                max_completion_length=cfg.rollout.max_new_tokens, entropy=entropy.detach())
+            # The loss is already this micro-batch's share of the step's loss. DeepSpeed
+            # averages gradients over ranks, so scale by world and do not divide by accumulation.
+            engine.backward(loss * world, scale_wrt_gas=False)
+            engine.step()
+            micro_metrics.append(metrics)
+        if iteration == 0:
+            batch.old_logprobs = torch.cat(old_chunks) if old_chunks else None
+    gathered = [None] * world
+    dist.all_gather_object(gathered, micro_metrics)
+    merged = merge_loss_metrics([m for rank_metrics in gathered for m in rank_metrics])
+    norm = engine.get_global_grad_norm()
+    merged["grad_norm"] = float(norm) if norm is not None else float("nan")
+    merged["learning_rate"] = engine.get_lr()[0]
+    return merged
+
+
+def score_advantages(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor) -> dict:
+    """Group advantages (optionally with KL folded into the reward, or tied groups filtered)."""
+    g = cfg.grpo
+    if g.kl_in_reward and batch.ref_logprobs is not None:
+        from grpo_ds.advantages import kl_reward_penalty
+
+        rewards = rewards - kl_reward_penalty(batch.sampled_logprobs, batch.ref_logprobs,
+                                              batch.completion_mask, g.beta, g.kl_estimator)
+    advantages, metrics = group_advantages(rewards, cfg.rollout.group_size,
+                                           scale=g.scale_rewards)
+    batch.advantages = advantages
+    if g.filter_tied_groups:
+        keep, filter_metrics = tied_group_mask(rewards, cfg.rollout.group_size)
+        batch.completion_mask = batch.completion_mask * keep[:, None].float()
+        metrics["filtered_groups_fraction"] = filter_metrics["frac_reward_zero_std"]
+    return metrics
+
+
+def evaluate(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], reward_fn,
+             device) -> float:
+    """Held-out greedy accuracy: the share of prompts whose greedy answer scores 1.0, all ranks."""
+    correct = 0.0
+    for start in range(0, len(rows), 256):
+        part = rows[start:start + 256]
+        prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in part]
+        out = rollout.generate(prompt_ids, group_size=1,
+                               params=sampling_params(cfg, tokenizer, greedy=True), seed=0)
+        completions = decode(tokenizer, out.completion_ids, out.completion_mask)
+        columns = {k: [r[k] for r in part] for k in part[0] if k != "prompt"}
+        scores = reward_fn([r["prompt"] for r in part], completions, **columns)
+        correct += sum(1.0 for s in scores if s is not None and s >= 1.0)
+    return global_sum(correct, device) / global_sum(len(rows), device)
+
+
+def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source, reward_fns,
+             reward_names, logger) -> dict:
+    """The loop. Returns the summary fields of the GRPO phase."""
+    rank, device = dist.get_rank(), policy.device
+    rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
+                            gather=cfg.rollout.gather, tokenizer=tokenizer,
+                            memory_budget_bytes=None if cfg.rollout.memory_budget_gb is None
+                            else int(cfg.rollout.memory_budget_gb * 2**30))
+    eval_rows = source.eval_rows()
+
+    def accuracy() -> float:
+        return evaluate(cfg, rollout, tokenizer, eval_rows, reward_fns[0], device)
+
+    accuracy_before = accuracy()
+    logger.print(f"GRPO start: held-out greedy accuracy {accuracy_before:.3f}")
+    logger.scalars(0, {"eval/accuracy": accuracy_before})
+    history = [{"step": 0, "accuracy": accuracy_before}]
+    for step in range(1, cfg.train.steps + 1):
+        t0 = time.time()
+        rows = source.step_rows(step)
+        batch, rewards, texts, metrics = generate_and_score(
+            cfg, rollout, tokenizer, rows, reward_fns, reward_names,
+            sample_seed(cfg.train.seed, step, rank))
+        t1 = time.time()
+        batch = batch.slice(0, len(batch))  # detach from the rollout's tensors
+        if reference is not None:
+            batch.ref_logprobs = forward_logprobs(reference, batch, plan.micro_batch_size,
+                                                  cfg.rollout.temperature)
+        t2 = time.time()
+        metrics.update(score_advantages(cfg, batch, rewards))
+        metrics.update(update(policy, batch, cfg, plan))
+        if batch.old_logprobs is not None:
+            gap = logprob_gap(batch.sampled_logprobs, batch.old_logprobs, batch.completion_mask)
+            metrics.update({f"rollout/logprob_gap_{k}": v for k, v in gap.items()})
+        t3 = time.time()
+        tokens = global_sum(batch.attention_mask.sum().item(), device)
+        metrics.update({"time/generation": t1 - t0, "time/reference": t2 - t1,
+                        "time/update": t3 - t2, "time/step": t3 - t0,
+                        "throughput/tokens_per_second": tokens / (t3 - t0)})
+        metrics = reduce_rollout_metrics(metrics, rewards, device)
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+            metrics["eval/accuracy"] = accuracy()
+            history.append({"step": step, "accuracy": metrics["eval/accuracy"]})
+        logger.scalars(step, metrics)
+        logger.histogram(step, "rewards", rewards[~rewards.isnan()])
+        logger.histogram(step, "advantages", batch.advantages)
+        every = cfg.output.log_samples_every
+        if every and step % every == 0:
+            logger.samples(step, texts[0][:8], texts[1][:8], rewards[:8].tolist())
+        logger.progress(step, metrics)
+    accuracy_after = accuracy()
+    logger.scalars(cfg.train.steps, {"eval/accuracy": accuracy_after})
+    history.append({"step": cfg.train.steps, "accuracy": accuracy_after})
+    return {"accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
+            "eval_curve": history}
+
+
+GLOBAL_ALREADY = ("loss", "kl", "clip_ratio", "ratio", "entropy", "advantage", "grad_norm",
+                  "learning_rate", "rollout/logprob_gap", "eval/")
+
+
+def reduce_rollout_metrics(metrics: dict, rewards: torch.Tensor, device) -> dict:
+    """Turn this rank's rollout statistics into global ones: one all-reduce for the means, one for
+    the maxima (min = -max(-x)); reward and its std exactly over all valid rewards."""
+    world = dist.get_world_size()
+    local = {k: v for k, v in metrics.items() if not k.startswith(GLOBAL_ALREADY)}
+    extremes = [k for k in local if k.endswith(("max_length", "min_length"))]
+    means = [k for k in local if k not in extremes]
+    valid = rewards[~rewards.isnan()].double()
+    sums = torch.tensor([local[k] for k in means] + [valid.numel(), valid.sum().item(),
+                        (valid ** 2).sum().item()], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    signed = torch.tensor([local[k] if k.endswith("max_length") else -local[k] for k in extremes],
+                          dtype=torch.float64, device=device)
+    dist.all_reduce(signed, op=dist.ReduceOp.MAX)
+    out = {k: v for k, v in metrics.items() if k not in local}
+    out.update({k: sums[i].item() / world for i, k in enumerate(means)})
+    out.update({k: signed[i].item() * (1 if k.endswith("max_length") else -1)
+                for i, k in enumerate(extremes)})
+    n, total, squares = sums[-3].item(), sums[-2].item(), sums[-1].item()
+    out["reward"] = total / max(n, 1)
+    out["reward_std"] = max(squares - total * total / max(n, 1), 0.0) / max(n - 1, 1)
+    out["reward_std"] **= 0.5
+    return out
+
+
+def summary_path(run_dir: str) -> Path:
+    return Path(run_dir) / "summary.json"
