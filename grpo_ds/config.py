@@ -59,13 +59,13 @@ class TaskConfig:
 class WarmupConfig:
     enabled: bool = True
     """Supervised warm-up on the task's (imperfect) demonstrations before GRPO."""
-    max_steps: int = 600
+    max_steps: int = 1500
     """Upper bound on warm-up optimizer steps."""
     batch_size: int = 128
     """Demonstrations per warm-up optimizer step (global, all ranks)."""
-    lr: float = 3e-3
+    lr: float = 1e-3
     """Warm-up learning rate (AdamW)."""
-    eval_every: int = 50
+    eval_every: int = 100
     """Evaluate held-out greedy accuracy every N warm-up steps (the plateau curve)."""
     patience: int = 3
     """Stop after this many evaluations without a gain of more than `min_gain`."""
@@ -147,7 +147,7 @@ class GRPOConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 60
+    steps: int = 200
     """GRPO steps (one batch of samples each)."""
     prompts_per_step: int = 32
     """Prompts per GRPO step, all ranks together."""
@@ -163,7 +163,7 @@ class TrainConfig:
     """Gradient-norm clip (0 = off)."""
     seed: int = 0
     """Seed for model init, sampling and data order."""
-    eval_every: int = 10
+    eval_every: int = 20
     """Held-out greedy evaluation every N GRPO steps (0 = only at start and end)."""
     logprob_chunk_size: int = 4096
     """Rows of the logits computed at once for log-probs (memory = chunk x vocab)."""

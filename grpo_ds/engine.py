@@ -39,7 +39,7 @@ def load_sharded(path: str, ds_config: dict, dtype: str):
     """Load a HF model from `path`, partitioned at load time when `ds_config` is ZeRO stage 3."""
     # transformers consults the most recent HfDeepSpeedConfig through a weak reference:
     # it must stay alive until from_pretrained returns.
-    live = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    live = HfDeepSpeedConfig(ds_config)
     model, tokenizer = load_pretrained(path, dtype)
     del live
     return model, tokenizer

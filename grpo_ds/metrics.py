@@ -25,7 +25,7 @@ class RunLogger:
 
             run_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-            self.jsonl = open(run_dir / "metrics.jsonl", "a")
+            self.jsonl = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
 
     def print(self, message: str) -> None:
         if self.rank == 0:

@@ -8,7 +8,6 @@ or SLURM script launch it themselves. It wires the parts together and hands over
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,10 +17,10 @@ import deepspeed.comm as dist
 from grpo_ds.config import Config, deepspeed_config, load_config, validate
 from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
 from grpo_ds.metrics import RunLogger
-from grpo_ds.model import build_tiny_llama, save_hf_model
+from grpo_ds.model import save_hf_model
 from grpo_ds.rewards import load_reward_function
-from grpo_ds.trainer import evaluate, run_grpo, summary_path
-from grpo_ds.warmup import run_warmup
+from grpo_ds.trainer import run_grpo, summary_path
+from grpo_ds.warmup import warm_start
 
 
 def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -43,35 +42,6 @@ def make_source(cfg: Config, rank: int, world: int):
     from grpo_ds.data_source import DatasetSource
 
     return DatasetSource.from_config(cfg, rank, world), None
-
-
-def warm_start(cfg: Config, source, tokenizer, logger, reward_fn) -> tuple[str, list[dict]]:
-    """Build the default task's tiny Llama, run the supervised warm-up, save it as a HF dir."""
-    from grpo_ds.rollout import HybridRollout
-
-    world = dist.get_world_size()
-    lm = build_tiny_llama(
-        len(tokenizer), cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads,
-        max_positions=64, seed=cfg.train.seed,
-        special={"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                 "pad_token_id": tokenizer.pad_token_id})
-    ds = deepspeed_config(cfg, validate(cfg, world))
-    ds.update(train_micro_batch_size_per_gpu=cfg.warmup.batch_size // world,
-              gradient_accumulation_steps=1, train_batch_size=cfg.warmup.batch_size)
-    ds["optimizer"]["params"]["lr"] = cfg.warmup.lr
-    ds.pop("scheduler", None)
-    engine = build_policy(lm, ds, cfg.train.logprob_chunk_size, False)
-    rollout = HybridRollout(engine.module.lm, pad_token_id=tokenizer.pad_token_id,
-                            tokenizer=tokenizer)
-    eval_rows = source.eval_rows()
-    curve = run_warmup(engine, tokenizer, source, cfg.warmup,
-                       lambda: evaluate(cfg, rollout, tokenizer, eval_rows, reward_fn,
-                                        engine.device),
-                       logger.print)
-    out_dir = Path(cfg.output.run_dir) / "sft_model"
-    save_hf_model(engine, tokenizer, out_dir)
-    engine.destroy()
-    return str(out_dir), curve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,42 +91,54 @@ def forward_logprobs(engine, batch: RolloutBatch, micro: int, temperature: float
 
 
 def global_sum(value: float, device) -> float:
+    """Sum of a python number over ranks."""
     total = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(total)
     return total.item()
 
 
+def step_counts(batch: RolloutBatch, device) -> tuple[float, float]:
+    """(sequences, completion tokens) of the whole optimizer step, all ranks: the loss normalisers."""
+    counts = torch.tensor([(batch.completion_mask.sum(1) > 0).sum().item(),
+                           batch.completion_mask.sum().item()], dtype=torch.float64, device=device)
+    dist.all_reduce(counts)
+    return max(counts[0].item(), 1.0), max(counts[1].item(), 1.0)
+
+
+def micro_batch_loss(engine, part: RolloutBatch, cfg: Config, counts: tuple[float, float],
+                     old_logprobs: torch.Tensor | None):
+    """This micro-batch's share of the step's GRPO loss. Returns (loss, logprobs, metrics)."""
+    g = cfg.grpo
+    logprobs, entropy = engine(part.input_ids, part.attention_mask, part.completion_ids,
+                               cfg.rollout.temperature, with_entropy=True)
+    loss, metrics = grpo_loss(
+        logprobs, old_logprobs, part.ref_logprobs, part.advantages, part.completion_mask,
+        epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+        beta=0.0 if g.kl_in_reward else g.beta, kl_estimator=g.kl_estimator,
+        aggregation=g.loss_aggregation, num_sequences=counts[0], num_tokens=counts[1],
+        max_completion_length=cfg.rollout.max_new_tokens, entropy=entropy.detach())
+    return loss, logprobs, metrics
+
+
 def update(engine, batch: RolloutBatch, cfg: Config, plan: BatchPlan) -> dict:
     """mu optimizer steps over this rank's batch; gradients summed over micro-batches and ranks."""
-    g = cfg.grpo
-    device = engine.device
-    num_sequences = global_sum((batch.completion_mask.sum(1) > 0).sum().item(), device)
-    num_tokens = global_sum(batch.completion_mask.sum().item(), device)
-    world = plan.world_size
+    counts = step_counts(batch, engine.device)
     old_chunks, micro_metrics = [], []
-    for iteration in range(g.num_iterations):
+    for iteration in range(cfg.grpo.num_iterations):
         for index, start in enumerate(range(0, len(batch), plan.micro_batch_size)):
             part = batch.slice(start, start + plan.micro_batch_size)
-            logprobs, entropy = engine(part.input_ids, part.attention_mask, part.completion_ids,
-                                       cfg.rollout.temperature, with_entropy=True)
-            if g.num_iterations > 1 and iteration == 0:
-                old_chunks.append(logprobs.detach())
             old = old_chunks[index] if iteration > 0 else None
-            loss, metrics = grpo_loss(
-                logprobs, old, part.ref_logprobs, part.advantages, part.completion_mask,
-                epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
-                beta=0.0 if g.kl_in_reward else g.beta, kl_estimator=g.kl_estimator,
-                aggregation=g.loss_aggregation, num_sequences=max(num_sequences, 1.0),
-                num_tokens=max(num_tokens, 1.0),
-                max_completion_length=cfg.rollout.max_new_tokens, entropy=entropy.detach())
+            loss, logprobs, metrics = micro_batch_loss(engine, part, cfg, counts, old)
+            if cfg.grpo.num_iterations > 1 and iteration == 0:
+                old_chunks.append(logprobs.detach())
             # The loss is already this micro-batch's share of the step's loss. DeepSpeed
             # averages gradients over ranks, so scale by world and do not divide by accumulation.
-            engine.backward(loss * world, scale_wrt_gas=False)
+            engine.backward(loss * plan.world_size, scale_wrt_gas=False)
             engine.step()
             micro_metrics.append(metrics)
-        if iteration == 0:
-            batch.old_logprobs = torch.cat(old_chunks) if old_chunks else None
-    gathered = [None] * world
+        if iteration == 0 and old_chunks:
+            batch.old_logprobs = torch.cat(old_chunks)
+    gathered = [None] * plan.world_size
     dist.all_gather_object(gathered, micro_metrics)
     merged = merge_loss_metrics([m for rank_metrics in gathered for m in rank_metrics])
     norm = engine.get_global_grad_norm()

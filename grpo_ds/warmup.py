@@ -9,11 +9,15 @@ had flattened before GRPO started.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import deepspeed.comm as dist
 import torch
 
 from grpo_ds.batch import join, left_pad, right_pad
+from grpo_ds.config import Config, deepspeed_config, validate
+from grpo_ds.engine import build_policy
+from grpo_ds.model import build_tiny_llama, save_hf_model
 
 
 def sft_loss(engine, tokenizer, pairs: list[tuple[str, str]], num_tokens: int) -> torch.Tensor:
@@ -58,3 +62,33 @@ def run_warmup(engine, tokenizer, source, cfg, evaluate, log) -> list[dict]:
             if stale >= cfg.patience:
                 break
     return curve
+
+
+def warm_start(cfg: Config, source, tokenizer, logger, reward_fn) -> tuple[str, list[dict]]:
+    """Build the default task's tiny Llama, run the supervised warm-up, save it as a HF dir."""
+    from grpo_ds.rollout import HybridRollout
+    from grpo_ds.trainer import evaluate
+
+    world = dist.get_world_size()
+    lm = build_tiny_llama(
+        len(tokenizer), cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads,
+        max_positions=64, seed=cfg.train.seed,
+        special={"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                 "pad_token_id": tokenizer.pad_token_id})
+    ds = deepspeed_config(cfg, validate(cfg, world))
+    ds.update(train_micro_batch_size_per_gpu=cfg.warmup.batch_size // world,
+              gradient_accumulation_steps=1, train_batch_size=cfg.warmup.batch_size)
+    ds["optimizer"]["params"]["lr"] = cfg.warmup.lr
+    ds.pop("scheduler", None)
+    engine = build_policy(lm, ds, cfg.train.logprob_chunk_size, False)
+    rollout = HybridRollout(engine.module.lm, pad_token_id=tokenizer.pad_token_id,
+                            tokenizer=tokenizer)
+    eval_rows = source.eval_rows()
+    curve = run_warmup(engine, tokenizer, source, cfg.warmup,
+                       lambda: evaluate(cfg, rollout, tokenizer, eval_rows, reward_fn,
+                                        engine.device),
+                       logger.print)
+    out_dir = Path(cfg.output.run_dir) / "sft_model"
+    save_hf_model(engine, tokenizer, out_dir)
+    engine.destroy()
+    return str(out_dir), curve
