@@ -71,6 +71,9 @@ class WarmupConfig:
     """Stop after this many evaluations without a gain of more than `min_gain`."""
     min_gain: float = 0.01
     """Accuracy gain that counts as progress for the plateau test."""
+    zero_stage: int = 0
+    """ZeRO stage of the warm-up engine. It stands in for a user's SFT model; plain data
+    parallel (0) avoids ZeRO-3's per-layer gathers, which dominate a model this small."""
 
 
 @dataclass
@@ -147,7 +150,7 @@ class GRPOConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
+    steps: int = 60
     """GRPO steps (one batch of samples each)."""
     prompts_per_step: int = 32
     """Prompts per GRPO step, all ranks together."""
@@ -163,7 +166,7 @@ class TrainConfig:
     """Gradient-norm clip (0 = off)."""
     seed: int = 0
     """Seed for model init, sampling and data order."""
-    eval_every: int = 20
+    eval_every: int = 10
     """Held-out greedy evaluation every N GRPO steps (0 = only at start and end)."""
     logprob_chunk_size: int = 4096
     """Rows of the logits computed at once for log-probs (memory = chunk x vocab)."""

@@ -53,6 +53,8 @@ class RunLogger:
 
     def progress(self, step: int, values: dict[str, float]) -> None:
         """One line per step: step, reward, KL, step time and ETA (the quiet mode prints none)."""
+        if step == 1:
+            self.start = time.time() - values.get("time/step", 0.0)
         if self.rank != 0 or self.quiet:
             return
         elapsed = time.time() - self.start

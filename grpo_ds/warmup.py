@@ -79,6 +79,7 @@ def warm_start(cfg: Config, source, tokenizer, logger, reward_fn) -> tuple[str, 
     ds.update(train_micro_batch_size_per_gpu=cfg.warmup.batch_size // world,
               gradient_accumulation_steps=1, train_batch_size=cfg.warmup.batch_size)
     ds["optimizer"]["params"]["lr"] = cfg.warmup.lr
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.warmup.zero_stage}
     ds.pop("scheduler", None)
     engine = build_policy(lm, ds, cfg.train.logprob_chunk_size, False)
     rollout = HybridRollout(engine.module.lm, pad_token_id=tokenizer.pad_token_id,
