@@ -1,0 +1,108 @@
+"""The rollout contract: what the trainer passes in and what every generation backend returns.
+
+Any engine that implements `RolloutBackend.generate` can replace our `HybridRollout`
+(vLLM later; DeepSpeed's HybridEngineRollout through `ds_hybrid.DeepSpeedHybridBackend`).
+
+Row layout: rows i*G .. i*G+G-1 hold the G samples of prompt i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample completions."""
+
+    max_new_tokens: int
+    """Upper bound on completion length; a row that reaches it without a stop is `truncated`."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax, lowest token id on ties)."""
+    top_p: float = 1.0
+    """Nucleus: keep the smallest set of most likely tokens whose mass >= top_p (1.0 = off)."""
+    top_k: int = 0
+    """Keep exactly the top_k most likely tokens (0 = off); applied before top_p."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end a completion (usually the EOS id); the stop token is kept and masked 1."""
+    stop_strings: tuple[str, ...] = ()
+    """Strings that end a completion when they appear in the decoded tail (needs a tokenizer)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class RolloutOutput:
+    """G completions per prompt, grouped by prompt. All tensors live on the model's device."""
+
+    prompt_ids: torch.Tensor  # [N*G, Tp] int64, left-padded with pad_token_id
+    prompt_mask: torch.Tensor  # [N*G, Tp] int64, 1 on real prompt tokens
+    completion_ids: torch.Tensor  # [N*G, Tc] int64, right-padded with pad_token_id
+    completion_mask: torch.Tensor  # [N*G, Tc] int64, 1 up to and including the stop token
+    # [N*G, Tc] float32: log_softmax(logits / T) at each sampled token (before top-k/top-p),
+    # 0 on padding. None when the backend cannot report them (the trainer must recompute).
+    sampled_logprobs: torch.Tensor | None
+    truncated: torch.Tensor  # [N*G] bool: reached max_new_tokens without a stop
+    metrics: dict = field(default_factory=dict)  # tokens, seconds, gather seconds, gather mode
+
+
+@runtime_checkable
+class RolloutBackend(Protocol):
+    """A generation engine the trainer can call. Under ZeRO-3 all ranks call it together."""
+
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        group_size: int,
+        params: SamplingParams,
+        seed: int,
+    ) -> RolloutOutput: ...
+
+
+def left_pad(
+    prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids [N, Tp], mask [N, Tp]) left-padded to the longest prompt."""
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token")
+    width = max((len(p) for p in prompt_ids), default=0)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for row, tokens in enumerate(prompt_ids):
+        if len(tokens):
+            ids[row, width - len(tokens):] = torch.as_tensor(list(tokens), dtype=torch.long)
+            mask[row, width - len(tokens):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def mask_through_first_stop(
+    completion_ids: torch.Tensor, stop_token_ids: Sequence[int], valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [B, T] that is 1 up to and including the first stop token, and `stopped [B]`.
+
+    `valid [B, T]` (optional) marks positions the engine actually produced. Used to post-process
+    engines that run past EOS (HF generate in the benchmark, DeepSpeed's rollout).
+    """
+    if valid is None:
+        valid = torch.ones_like(completion_ids, dtype=torch.bool)
+    valid = valid.bool()
+    if len(stop_token_ids) == 0:
+        return valid.long(), torch.zeros(completion_ids.shape[0], dtype=torch.bool,
+                                         device=completion_ids.device)
+    stops = torch.isin(completion_ids, torch.as_tensor(list(stop_token_ids),
+                                                       device=completion_ids.device)) & valid
+    # number of stop tokens strictly before each position; a position is kept while it is 0
+    stops_before = torch.cumsum(stops.long(), dim=-1) - stops.long()
+    mask = valid & (stops_before == 0)
+    return mask.long(), stops.any(dim=-1)

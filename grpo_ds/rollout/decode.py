@@ -1,0 +1,138 @@
+"""The decode loop: shared prefill, G samples per prompt, batch compaction, lockstep.
+
+    prefill   logits[N]  = forward(prompts [N, Tp])          each prompt once
+    share     cache rows repeated G times -> rows i*G..i*G+G-1 belong to prompt i
+    step t    token[r,t] = sample(logits[r], uniforms[r, t])  for every live row r
+              drop rows that hit a stop or max_new_tokens from the batch and the KV cache
+              logits     = forward(token[:, t] [B_live, 1])
+
+Compaction: a finished row costs nothing afterwards: its row is index-selected out of the
+input, the attention mask, the positions and every layer of the KV cache.
+
+Lockstep: when the forward itself is collective (ZeRO-3 layer groups), every rank must run the
+same number of forwards. Before each decode forward the ranks agree (all-reduce MAX) whether
+anyone still has live rows; a rank with none calls `forward.idle()`, which joins the gathers
+without computing. With fully gathered weights no agreement is needed.
+
+Positions: prompts are left-padded, so a row's position is its count of real tokens so far
+(prefill: cumsum(mask) - 1; step t: prompt_length + t).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from grpo_ds.rollout.backend import SamplingParams
+from grpo_ds.rollout.sampling import sample_next_tokens
+from grpo_ds.rollout.stops import StopChecker
+
+
+@dataclass
+class DecodeResult:
+    tokens: torch.Tensor  # [N*G, max_new_tokens] int64, pad after each row's length
+    logprobs: torch.Tensor  # [N*G, max_new_tokens] float32, 0 after each row's length
+    lengths: torch.Tensor  # [N*G] int64, completion length including the stop token
+    stopped: torch.Tensor  # [N*G] bool, ended by a stop token or string
+    forwards: int  # forwards run on this rank, prefill and idle ones included
+    prefill_seconds: float
+
+
+class _Batch:
+    """The live rows of the decode batch and everything indexed by them."""
+
+    def __init__(self, rows, attn, next_pos, cache):
+        self.rows = rows  # [B] original row index (0 .. N*G-1)
+        self.attn = attn  # [B, Tp + max_new] 1 on real prompt tokens and generated tokens
+        self.next_pos = next_pos  # [B] position id of the next input token
+        self.cache = cache
+        self.alive = torch.ones_like(rows, dtype=torch.bool)  # only False when not compacting
+
+    def keep(self, keep: torch.Tensor) -> None:
+        idx = keep.nonzero().squeeze(-1)
+        self.rows, self.attn = self.rows[idx], self.attn[idx]
+        self.next_pos, self.alive = self.next_pos[idx], self.alive[idx]
+        self.cache.batch_select_indices(idx)
+
+
+def decode(
+    forward,
+    cache,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group_size: int,
+    params: SamplingParams,
+    uniforms: torch.Tensor | None,
+    stops: StopChecker,
+    pad_token_id: int,
+    any_rank: Callable[[bool], bool] | None = None,
+    compact: bool = True,
+) -> DecodeResult:
+    """Run prefill + decode for prompts [N, Tp] (left-padded) and G samples each.
+
+    `forward(ids, mask, positions, cache) -> logits [B, V]` for the last position;
+    `any_rank(flag) -> bool` is the lockstep all-reduce, or None when forwards are collective-free.
+    `uniforms [N*G, max_new_tokens]` feeds the sampler (None for greedy).
+    """
+    num_prompts, prompt_len = prompt_ids.shape
+    device, rows_total, max_new = prompt_ids.device, num_prompts * group_size, params.max_new_tokens
+    out_tokens = torch.full((rows_total, max_new), pad_token_id, dtype=torch.long, device=device)
+    out_logprobs = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
+    lengths = torch.zeros(rows_total, dtype=torch.long, device=device)
+    stopped = torch.zeros(rows_total, dtype=torch.bool, device=device)
+
+    start, forwards, logits = time.perf_counter(), 1, None
+    if num_prompts > 0:
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = forward(prompt_ids, prompt_mask, positions, cache).repeat_interleave(group_size, 0)
+        cache.batch_repeat_interleave(group_size)  # share each prompt's KV rows with its G samples
+    elif any_rank is not None:
+        forward.idle()
+    prefill_seconds = time.perf_counter() - start
+
+    attn = torch.zeros((rows_total, prompt_len + max_new), dtype=prompt_mask.dtype, device=device)
+    attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, 0)
+    batch = _Batch(torch.arange(rows_total, device=device), attn,
+                   prompt_mask.sum(-1).repeat_interleave(group_size, 0), cache)
+    step = 0
+    while True:
+        if batch.alive.any() and step < max_new:
+            tokens = _sample_step(logits, batch, step, params, uniforms, stops, out_tokens,
+                                  out_logprobs, lengths, stopped)
+            if compact and not batch.alive.all():
+                tokens = tokens[batch.alive]
+                batch.keep(batch.alive)
+        has_work = bool(batch.alive.any())
+        if not (any_rank(has_work) if any_rank is not None else has_work):
+            break
+        forwards += 1
+        if has_work:
+            batch.attn[:, prompt_len + step] = 1
+            logits = forward(tokens.unsqueeze(-1), batch.attn[:, : prompt_len + step + 1],
+                             batch.next_pos.unsqueeze(-1), batch.cache)
+            batch.next_pos += 1
+        else:
+            forward.idle()
+        step += 1
+    return DecodeResult(out_tokens, out_logprobs, lengths, stopped, forwards, prefill_seconds)
+
+
+def _sample_step(logits, batch: _Batch, step, params, uniforms, stops, out_tokens, out_logprobs,
+                 lengths, stopped) -> torch.Tensor:
+    """Sample token `step` for every batch row, record it for live rows, retire finished rows."""
+    u = uniforms[batch.rows, step] if uniforms is not None else None
+    tokens, logprobs = sample_next_tokens(logits, u, params.temperature, params.top_k, params.top_p)
+    live_rows = batch.rows[batch.alive]
+    out_tokens[live_rows, step] = tokens[batch.alive]
+    out_logprobs[live_rows, step] = logprobs[batch.alive]
+    lengths[live_rows] = step + 1
+    history = out_tokens[batch.rows] if stops.stop_strings else None
+    done = stops(tokens, history, step) & batch.alive
+    stopped[batch.rows[done]] = True
+    if step + 1 >= params.max_new_tokens:
+        done = batch.alive.clone()
+    batch.alive &= ~done
+    return tokens

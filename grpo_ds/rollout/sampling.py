@@ -1,0 +1,109 @@
+"""Pure token sampling: temperature, exact top-k / top-p truncation, inverse-CDF draws.
+
+Order of operations (same as HF and vLLM):
+    scaled   = logits / T
+    kept     = top_k(scaled)                  keep exactly k tokens
+    kept     = top_p(softmax(kept))           keep the smallest prefix (by descending prob) with mass >= p
+    token    = inverse_cdf(softmax(kept), u)  u ~ U[0, 1), one number per row and step
+
+Two choices worth knowing:
+- Each draw consumes ONE uniform number `u` per row, which the caller takes from a table
+  `uniforms [rows, steps]` filled once from a seeded torch.Generator. Row r at step t always uses
+  `uniforms[r, t]`, so a sample does not depend on which other rows are in the batch (batch
+  compaction and shared prefill cannot change it).
+- The reported log-prob is `log_softmax(logits / T)[token]`: the distribution AT TEMPERATURE but
+  BEFORE top-k/top-p truncation. That is what a trainer forward computes
+  (`log_softmax(logits / T)`), so the two can be compared token by token. With T == 0 (greedy)
+  it is `log_softmax(logits)[token]` (T = 1).
+
+Ties: the descending sort is stable, so among equal logits the lower token id ranks first. Top-k
+therefore keeps exactly k tokens, and greedy picks the lowest id among the maxima.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def truncation_mask(scaled_logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Boolean mask [B, V] of the tokens kept by top-k then top-p (always >= 1 per row).
+
+    top_k <= 0 and top_p >= 1 disable the respective filter.
+    """
+    vocab = scaled_logits.shape[-1]
+    # stable: equal logits keep ascending token id order, so tie-breaking is by token id.
+    sorted_logits, order = torch.sort(scaled_logits, dim=-1, descending=True, stable=True)
+    keep_sorted = torch.ones_like(sorted_logits, dtype=torch.bool)
+    if 0 < top_k < vocab:
+        keep_sorted[:, top_k:] = False
+    if top_p < 1.0:
+        masked = sorted_logits.double().masked_fill(~keep_sorted, float("-inf"))
+        probs = torch.softmax(masked, dim=-1)
+        mass_before = torch.cumsum(probs, dim=-1) - probs  # exclusive prefix sum
+        # keep token j while the mass of the tokens ranked above it is still < p;
+        # the first token has mass_before == 0 and is always kept.
+        keep_sorted &= mass_before < top_p
+    keep = torch.empty_like(keep_sorted)
+    keep.scatter_(-1, order, keep_sorted)
+    return keep
+
+
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one index per row from `probs [B, V]` (unnormalised, >= 0) with `uniforms [B]`.
+
+    Returns the first index whose cumulative mass exceeds u * total. Zero-probability entries can
+    never be chosen: their cdf equals their predecessor's, and searchsorted(right=True) returns
+    the first index with cdf > target.
+    """
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    total = cdf[:, -1]
+    target = uniforms.double().to(cdf.device) * total
+    # u * total can round up to total itself; keep the target strictly below it.
+    target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+
+
+def sample_next_tokens(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row.
+
+    logits [B, V] (any float dtype), uniforms [B] in [0, 1) (unused when temperature == 0).
+    Returns (tokens [B] int64, logprobs [B] float32) where logprobs are
+    log_softmax(logits / T) at the sampled tokens, before truncation (see module docstring).
+    """
+    logits = logits.float()
+    if temperature <= 0.0:
+        tokens = torch.argmax(logits, dim=-1)  # first maximum = lowest token id on ties
+        logprobs = torch.log_softmax(logits, dim=-1)
+        return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    scaled = logits / temperature
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    if top_k > 0 or top_p < 1.0:
+        keep = truncation_mask(scaled, top_k, top_p)
+        probs = torch.exp(logprobs.double()).masked_fill(~keep, 0.0)
+    else:
+        probs = torch.exp(logprobs.double())
+    tokens = inverse_cdf_sample(probs, uniforms)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def logprob_gap(
+    sampled_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor
+) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's, over real completion tokens.
+
+    sampled_logprobs, trainer_logprobs, mask: [B*G, T]. Returns
+    {"max_abs": max |a - b|, "mean_abs": mean |a - b|} over positions with mask == 1 (0.0 when
+    the mask is empty). The trainer compares these with its tolerance to decide whether the
+    sampled log-probs may serve as pi_old.
+    """
+    mask = mask.bool()
+    diff = (sampled_logprobs.float() - trainer_logprobs.float()).abs()[mask]
+    if diff.numel() == 0:
+        return {"max_abs": 0.0, "mean_abs": 0.0}
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean())}

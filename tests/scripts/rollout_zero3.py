@@ -1,0 +1,141 @@
+"""2-rank ZeRO-3 checks of HybridRollout, launched by tests/test_rollout_zero3.py.
+
+    deepspeed --num_gpus 2 --master_port P tests/scripts/rollout_zero3.py --out result.json
+
+Phases (each prints "PHASE <name> ok" when done, so a hang shows where it stopped):
+  same_tokens   each rank has its own prompts; gather="full", gather="layers" (1 and 2 layers
+                per group) and an unpartitioned copy of the same weights give identical tokens
+  uneven_full   rank 0 stops after 2 tokens, rank 1 runs 48 (full gather) - must not hang
+  uneven_layers the same with layer groups (lockstep), plus a rank with 0 prompts
+  train_after   the engine still trains: params partitioned again, train mode restored,
+                forward/backward/step run
+Rank 0 writes the collected facts to --out as JSON.
+"""
+
+import argparse
+import copy
+import json
+
+import deepspeed
+import torch
+from deepspeed import comm as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from grpo_ds.rollout import HybridRollout, SamplingParams
+from grpo_ds.rollout.gather import gathered_bytes
+
+torch.set_num_threads(1)
+VOCAB, EOS, PAD = 96, 1, 0
+
+
+def build_engine():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)
+    model = LlamaForCausalLM(config)
+    plain = copy.deepcopy(model)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config,
+                                      model_parameters=model.parameters())
+    return engine, plain
+
+
+def rank_prompts(rank: int, count: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(100 + rank)
+    lengths = torch.randint(3, 12, (count,), generator=g).tolist()
+    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def same_tokens(engine, plain, rank, facts):
+    prompts = rank_prompts(rank, 3)
+    full_bytes = gathered_bytes(list(engine.module.parameters()))
+    facts["auto_no_budget"] = HybridRollout(engine.module, PAD).gather_mode()
+    facts["auto_big_budget"] = HybridRollout(engine.module, PAD,
+                                             memory_budget_bytes=full_bytes).gather_mode()
+    facts["auto_small_budget"] = HybridRollout(engine.module, PAD,
+                                               memory_budget_bytes=full_bytes - 1).gather_mode()
+    params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95)
+    outs = {
+        "full": HybridRollout(engine.module, PAD, gather="full").generate(prompts, 4, params, 7),
+        "layers1": HybridRollout(engine.module, PAD, gather="layers",
+                                 layers_per_group=1).generate(prompts, 4, params, 7),
+        "layers2": HybridRollout(engine.module, PAD, gather="layers",
+                                 layers_per_group=2).generate(prompts, 4, params, 7),
+        "plain": HybridRollout(plain, PAD).generate(prompts, 4, params, 7),
+        # auto with half the model's bytes as budget: layer groups sized by the planner
+        "auto": HybridRollout(engine.module, PAD, memory_budget_bytes=full_bytes // 2
+                              ).generate(prompts, 4, params, 7),
+    }
+    facts["auto_layers_per_group"] = outs["auto"].metrics.get("layers_per_group")
+    ref = outs["plain"]
+    for name, out in outs.items():
+        facts[f"same_tokens_{name}_equal"] = bool(torch.equal(out.completion_ids, ref.completion_ids))
+        facts[f"same_tokens_{name}_logprob_diff"] = float(
+            (out.sampled_logprobs - ref.sampled_logprobs).abs().max())
+        facts[f"same_tokens_{name}_mode"] = out.metrics["gather_mode"]
+    # the two ranks sampled different prompts: their outputs must differ
+    both = [None, None]
+    dist.all_gather_object(both, outs["full"].completion_ids.tolist())
+    facts["ranks_differ"] = both[0] != both[1]
+
+
+def uneven(engine, rank, gather, facts, empty_rank0=False):
+    # rank 0: tiny budget and an early EOS chance; rank 1: long completions without a stop
+    if rank == 0:
+        params = SamplingParams(max_new_tokens=2, stop_token_ids=(EOS,))
+        prompts = [] if empty_rank0 else rank_prompts(rank, 2)
+    else:
+        params = SamplingParams(max_new_tokens=48)
+        prompts = rank_prompts(rank, 2)
+    out = HybridRollout(engine.module, PAD, gather=gather).generate(prompts, 3, params, 11)
+    lengths = out.completion_mask.sum(-1).tolist()
+    gathered = [None, None]
+    dist.all_gather_object(gathered, {"lengths": lengths, "forwards": out.metrics["forwards"]})
+    key = f"uneven_{gather}" + ("_empty" if empty_rank0 else "")
+    facts[key] = gathered
+
+
+def train_after(engine, facts):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    module = engine.module
+    facts["train_mode_restored"] = module.training
+    facts["all_partitioned"] = all(p.ds_status == ZeroParamStatus.NOT_AVAILABLE
+                                   for p in module.parameters())
+    ids = torch.randint(2, VOCAB, (2, 10))
+    loss = engine(input_ids=ids, labels=ids).loss
+    engine.backward(loss)
+    engine.step()
+    facts["train_loss_finite"] = bool(torch.isfinite(loss).item())
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    engine, plain = build_engine()
+    engine.train()
+    facts = {}
+    for name, run in [("same_tokens", lambda: same_tokens(engine, plain, rank, facts)),
+                      ("uneven_full", lambda: uneven(engine, rank, "full", facts)),
+                      ("uneven_layers", lambda: uneven(engine, rank, "layers", facts)),
+                      ("uneven_layers_empty",
+                       lambda: uneven(engine, rank, "layers", facts, empty_rank0=True)),
+                      ("train_after", lambda: train_after(engine, facts))]:
+        run()
+        print(f"rank {rank} PHASE {name} ok", flush=True)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(facts, f)
+
+
+if __name__ == "__main__":
+    main()
