@@ -1,0 +1,660 @@
+"""Per-rank memory plan of a GRPO run on DeepSpeed ZeRO, before anything is launched.
+
+Every figure is bytes per rank, split by where it lives (device, host RAM, NVMe) and by the phase
+that holds it. Persistent memory (model states, reference, buffers) is held all the time; each
+phase (generation, reference forward, update, optimizer step) adds its own transients, freed
+before the next phase. So
+
+    peak per rank = persistent + max over phases (phase transients)
+    host per node = ranks_per_node x host per rank      (host RAM is shared by a node's ranks)
+
+With N parameters, W ranks, p = bytes of the training dtype (2 bf16, 4 fp32), ZeRO stage 3 keeps
+per rank (read off deepspeed/runtime/zero/stage3.py, DeepSpeed 0.19.8):
+    params              p N/W   ds_tensor partitions       device | host (offload_param cpu) | nvme
+    grads               p N/W   grad_partitions_flat_buffer (grad accum dtype = model dtype)
+                                                           device | host when the optimizer is offloaded
+    fp32 grads          4 N/W   offload cpu: subgroup_gradient_buffer (persistent, host);
+                                offload nvme: swapped to nvme; no offload: made at the step by
+                                _prepare_fp32_grad_for_sub_group (transient, device, <= sub_group_size)
+    optimizer states   12 N/W   fp32 master + Adam exp_avg + exp_avg_sq; 8 N/W when the model is fp32
+                                and not offloaded (the master then IS the param partition)
+Stages 0-2 follow the ZeRO paper's counting (params full, grads / optimizer partitioned from stage
+2 / 1); they are not calibrated.
+
+DeepSpeed's own estimator (estimate_zero3_model_states_mem_needs; `deepspeed_estimate` below) assumes
+16-bit params and fp32 Adam and returns device bytes per rank and host bytes per node. Against ours
+(stage 3, bf16, model states only, `model_states_figure`):
+    no offload          DS 18 N/W + 4 L      ours 16 N/W + 4 N/W step grads = 20 N/W
+    offload optimizer   DS 2 N/W + 4 L       ours 2 N/W;  host DS 1.5 x 16 N/nodes, ours 18 N/nodes
+    offload opt + param DS 4 L               ours 0;      host DS 1.5 x 18 N/nodes, ours 20 N/nodes
+(L = largest layer's params; we count the working set of gathered layers separately, under the
+update phase.) On host we add 2 B/param that DeepSpeed omits: the bf16 gradient partition lives on
+host next to the fp32 gradient buffer when the optimizer is offloaded; and we leave out its 1.5x
+safety factor. With an fp32 model the DS figures do not apply as such (they assume 16-bit
+params); ours use p = 4: 16 N/W + 4 N/W (no offload), host 20 N/W with offload (param, grad,
+fp32 grad, master, moments: 4 + 4 + 4 + 4 + 8).
+
+Activations per token per Llama decoder layer (bytes autograd keeps; Korthikanti et al. 2022,
+"Reducing Activation Recomputation", adapted from GPT to Llama: RMSNorm instead of LayerNorm,
+SwiGLU MLP, no dropout, SDPA attention):
+    A = 2 x (4h + p h)     two RMSNorms: fp32 upcast input + normalised output (= next matmul input)
+      + 4 p h_q            q, k, v, attention output (HF repeats GQA k/v to h_q when a mask is given)
+      + 4 a                SDPA logsumexp (fp32 per head)
+      + 4 p I              gate out (SiLU input), SiLU out, up out, their product (down_proj input)
+      [+ (4 + p) a s       eager attention only: fp32 softmax and its cast copy]
+For GPT sizes (I = 4h, h_q = h, p = 2) this is 52h against the paper's 34h: SwiGLU keeps 4 I-sized
+tensors instead of 2, and HF's RMSNorm keeps an fp32 copy of its input.
+    no checkpointing    tokens x (L A + A backward working + nonlayer)
+    checkpointing       tokens x (L p h + A recomputed + A backward working + nonlayer)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+# ---- calibration constants (the memory benchmark compares against measured peaks) ----------
+ADAM_MOMENT_BYTES = 8  # exp_avg + exp_avg_sq, fp32 (torch Adam and DeepSpeedCPUAdam)
+MASTER_BYTES = 4  # fp32 master partition (stage3._create_fp32_partitions)
+FP32_GRAD_BYTES = 4  # fp32 gradient the optimizer reads (see module docstring)
+NORM_FP32_BYTES = 4  # LlamaRMSNorm upcasts its input to fp32; autograd keeps it
+SDPA_LSE_BYTES = 4  # SDPA saves one fp32 logsumexp per head and query
+BACKWARD_WORKING_LAYERS = 1.0  # activation gradients of the layer being back-propagated
+LOGPROB_CHUNK_FACTOR = 3  # grpo_ds/logprobs.py: peak about 3 x chunk x V x 4 bytes
+SAMPLING_BYTES_PER_LOGIT = 32  # rollout/sampling.py: f32 logits, scaled, sorted + int64 order, f64 cdf
+RUNTIME_HOST_BYTES = 440 * 2**20  # measured here: max RSS of a 1-rank ZeRO-3 engine, 0.3M params
+RUNTIME_DEVICE_BYTES = 512 * 2**20  # accelerator context + allocator slack; typical CUDA, not measured
+LLAMA_STYLE = ("llama", "mistral")  # same parameter layout; counted from the config by formula
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Sizes of a decoder-only LM, read from its config (no weights)."""
+
+    name: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tie_word_embeddings: bool
+    embed_params: int
+    layer_leaves: tuple[int, ...]  # params of each leaf module of one decoder layer, forward order
+    final_norm_params: int
+    head_params: int  # 0 when tied to the embedding
+
+    @property
+    def layer_params(self) -> int:
+        return sum(self.layer_leaves)
+
+    @property
+    def total_params(self) -> int:
+        return (self.embed_params + self.num_layers * self.layer_params + self.final_norm_params
+                + self.head_params)
+
+    @property
+    def largest_leaf(self) -> int:
+        """Largest single module (DeepSpeed's `largest_layer_params`)."""
+        return max(self.embed_params, self.head_params, *self.layer_leaves)
+
+    def leaves_in_forward_order(self) -> list[tuple[str, int]]:
+        """(param id, numel) of every leaf module in forward order; a tied head reuses "embed"."""
+        layers = [(f"layer{i}.{j}", n) for i in range(self.num_layers)
+                  for j, n in enumerate(self.layer_leaves)]
+        head = ("embed", self.embed_params) if self.tie_word_embeddings else ("head", self.head_params)
+        return [("embed", self.embed_params), *layers, ("norm", self.final_norm_params), head]
+
+
+def llama_spec(config: dict, name: str = "llama") -> ModelSpec:
+    """Parameter layout of a Llama/Mistral decoder from its HF config dict."""
+    h, vocab, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or h // heads
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    abias, mbias = int(bool(config.get("attention_bias"))), int(bool(config.get("mlp_bias")))
+    leaves = (h,  # input_layernorm
+              h * q_out + abias * q_out, h * kv_out + abias * kv_out, h * kv_out + abias * kv_out,
+              q_out * h + abias * h,  # o_proj
+              h,  # post_attention_layernorm
+              h * inter + mbias * inter, h * inter + mbias * inter, inter * h + mbias * h)
+    tied = bool(config.get("tie_word_embeddings", False))
+    return ModelSpec(name, vocab, h, inter, config["num_hidden_layers"], heads, kv_heads, head_dim,
+                     tied, vocab * h, leaves, h, 0 if tied else vocab * h)
+
+
+def meta_model_spec(config: dict, name: str) -> ModelSpec:
+    """Any causal-LM architecture: count a transformers model built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    hf_config = AutoConfig.for_model(config.pop("model_type"), **config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields tied weights once
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    embed_n = embed.weight.numel()
+    head_n = 0 if head is None or tied else sum(p.numel() for p in head.parameters())
+    n_layers = hf_config.num_hidden_layers
+    layers = next(m for m in model.modules()
+                  if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers)
+    leaves = tuple(n for m in layers[0].modules()
+                   if (n := sum(p.numel() for p in m.parameters(recurse=False))))
+    heads = hf_config.num_attention_heads
+    h = hf_config.hidden_size
+    return ModelSpec(
+        name, hf_config.vocab_size, h, getattr(hf_config, "intermediate_size", 4 * h), n_layers,
+        heads, getattr(hf_config, "num_key_value_heads", None) or heads,
+        getattr(hf_config, "head_dim", None) or h // heads, tied, embed_n, leaves,
+        total - embed_n - head_n - n_layers * sum(leaves), head_n)
+
+
+def load_model_spec(path: str | Path) -> ModelSpec:
+    """A local HF model directory or a config.json path -> ModelSpec (config.json only)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    config = json.loads(file.read_text())
+    name = path.name if path.is_dir() else path.parent.name or file.stem
+    if config.get("model_type") in LLAMA_STYLE:
+        return llama_spec(config, name)
+    return meta_model_spec(config, name)
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The parts of a DeepSpeed config that decide memory, with DeepSpeed's own defaults."""
+
+    stage: int
+    offload_optimizer: str  # none | cpu | nvme
+    offload_param: str  # none | cpu | nvme (stage 3 only)
+    reduce_bucket_size: int
+    allgather_bucket_size: int
+    prefetch_bucket_size: int
+    max_live_parameters: int
+    max_reuse_distance: int
+    param_persistence_threshold: int
+    model_persistence_threshold: int
+    sub_group_size: int
+    optimizer_buffer_count: int  # nvme optimizer swap buffers
+    param_buffer_count: int  # nvme param swap buffers
+    param_buffer_size: int
+
+
+def zero_settings(ds_config: dict) -> ZeroSettings:
+    """Parse `zero_optimization` with DeepSpeed's pydantic model, so the defaults are its own."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    z = DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
+
+    def device(offload) -> str:  # an enum, or its value (the model stores enum values)
+        return str(getattr(offload.device, "value", offload.device)) if offload else "none"
+
+    opt, param = device(z.offload_optimizer), device(z.offload_param) if z.stage == 3 else "none"
+    return ZeroSettings(
+        int(z.stage), opt, param, int(z.reduce_bucket_size), int(z.allgather_bucket_size),
+        int(z.prefetch_bucket_size), int(z.max_live_parameters), int(z.max_reuse_distance),
+        int(z.param_persistence_threshold), int(z.model_persistence_threshold),
+        int(z.sub_group_size),
+        z.offload_optimizer.buffer_count if z.offload_optimizer else 0,
+        z.offload_param.buffer_count if z.offload_param else 0,
+        z.offload_param.buffer_size if z.offload_param else 0)
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """Per-rank batch shapes and choices of one GRPO step."""
+
+    group_size: int  # G completions per prompt
+    prompt_len: int  # longest prompt (tokens)
+    max_new_tokens: int
+    prompts_per_rank: int
+    micro_batch_size: int  # sequences per forward/backward
+    dtype: str = "bfloat16"
+    beta: float = 0.04  # 0 skips the reference model
+    reference: str = "cpu_offload"  # cpu_offload | sharded | none
+    gradient_checkpointing: bool = False
+    gather: str = "full"  # full | layers | auto
+    gather_budget_bytes: int | None = None  # layers: sizes the layer groups (rollout.memory_budget_gb)
+    logprob_chunk_size: int = 4096
+    attention: str = "sdpa"  # sdpa | eager
+
+    def __post_init__(self):
+        for name, allowed in (("dtype", tuple(DTYPE_BYTES)), ("gather", ("full", "layers", "auto")),
+                              ("reference", ("cpu_offload", "sharded", "none")),
+                              ("attention", ("sdpa", "eager"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
+        for name in ("group_size", "prompt_len", "max_new_tokens", "prompts_per_rank",
+                     "micro_batch_size", "logprob_chunk_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+
+    @property
+    def seq_len(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+    @property
+    def reference_placement(self) -> str:
+        return "none" if self.beta == 0 else self.reference
+
+
+@dataclass(frozen=True)
+class Budgets:
+    device_bytes: int  # per rank
+    host_bytes: int  # per node
+    device_is_host: bool  # CPU-only: device memory is host RAM, one pool per node
+
+
+@dataclass
+class Component:
+    name: str
+    phase: str  # persistent | generation | reference | update | step
+    device: int = 0
+    host: int = 0
+    nvme: int = 0
+    note: str = ""
+
+
+PHASES = ("generation", "reference", "update", "step")
+
+
+# ---- components -----------------------------------------------------------------------------
+
+
+def _placed(name, phase, nbytes, where, note) -> Component:
+    column = {"none": "device", "cpu": "host", "nvme": "nvme"}[where]
+    return Component(name, phase, note=note, **{column: int(nbytes)})
+
+
+def model_state_components(owner: str, spec: ModelSpec, zero: ZeroSettings, world: int,
+                           p: int) -> list[Component]:
+    """Params, grads, fp32 grads and Adam states of one trainable model, per rank."""
+    n, s, opt = spec.total_params, zero.stage, zero.offload_optimizer
+    param_n = n / world if s >= 3 else n
+    grad_n = n / world if s >= 2 else n
+    optim_n = n / world if s >= 1 else n
+    master = 0 if p == 4 and opt == "none" and s in (0, 3) else MASTER_BYTES
+    grad_where = "cpu" if opt != "none" else "none"
+    fp32_grads = (_placed(f"{owner} fp32 grads", "persistent", FP32_GRAD_BYTES * optim_n, opt,
+                          "4 B/param, optimizer's gradient buffer")
+                  if opt != "none" else
+                  _placed(f"{owner} fp32 grads", "step",
+                          FP32_GRAD_BYTES * min(optim_n, zero.sub_group_size), "none",
+                          "4 B/param of one sub-group, made at the step"))
+    return [
+        _placed(f"{owner} params", "persistent", p * param_n, zero.offload_param,
+                f"{p} B/param" + (f" / {world}" if s >= 3 else "")),
+        _placed(f"{owner} grads", "persistent", p * grad_n, grad_where,
+                f"{p} B/param" + (f" / {world}" if s >= 2 else "")),
+        fp32_grads,
+        _placed(f"{owner} optimizer states", "persistent", (master + ADAM_MOMENT_BYTES) * optim_n,
+                opt, f"{master + ADAM_MOMENT_BYTES} B/param (master {master} + Adam 8)"),
+    ]
+
+
+def layer_activation_bytes(spec: ModelSpec, p: int, seq_len: int, attention: str) -> int:
+    """A: bytes autograd keeps per token for one decoder layer (module docstring)."""
+    h, h_q, a = spec.hidden_size, spec.num_heads * spec.head_dim, spec.num_heads
+    per_token = (2 * (NORM_FP32_BYTES * h + p * h) + 4 * p * h_q + SDPA_LSE_BYTES * a
+                 + 4 * p * spec.intermediate_size)
+    if attention == "eager":
+        per_token += (4 + p) * a * seq_len
+    return per_token
+
+
+def activation_bytes(spec: ModelSpec, p: int, tokens: int, seq_len: int, checkpointing: bool,
+                     attention: str = "sdpa") -> int:
+    """Activations of one micro-batch's forward + backward (module docstring)."""
+    a_layer = layer_activation_bytes(spec, p, seq_len, attention)
+    nonlayer = NORM_FP32_BYTES * spec.hidden_size + p * spec.hidden_size  # final RMSNorm
+    if checkpointing:  # HF checkpoints each decoder layer: keeps its input, recomputes one layer
+        kept = spec.num_layers * p * spec.hidden_size + a_layer
+    else:
+        kept = spec.num_layers * a_layer
+    return int(tokens * (kept + BACKWARD_WORKING_LAYERS * a_layer + nonlayer))
+
+
+def inference_token_bytes(spec: ModelSpec, p: int) -> int:
+    """Working bytes per token of a no-grad forward (one layer's tensors alive at a time)."""
+    return p * (3 * spec.hidden_size + 3 * spec.intermediate_size) + NORM_FP32_BYTES * spec.hidden_size
+
+
+def logprob_chunk_bytes(spec: ModelSpec, rows: int, chunk_size: int) -> int:
+    return LOGPROB_CHUNK_FACTOR * min(chunk_size, rows) * spec.vocab_size * 4
+
+
+def kv_cache_bytes(spec: ModelSpec, p: int, sequences: int, seq_len: int) -> int:
+    """2 (k, v) x layers x kv_heads x head_dim x bytes x sequences x tokens."""
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * p * sequences * seq_len
+
+
+def persistent_numel(spec: ModelSpec, zero: ZeroSettings) -> int:
+    """Params ZeRO-3 never partitions: modules <= param_persistence_threshold (norms)."""
+    unique = dict(spec.leaves_in_forward_order())
+    small = [n for n in unique.values() if n <= zero.param_persistence_threshold]
+    return min(sum(small), zero.model_persistence_threshold)
+
+
+def held_for_backward_numel(spec: ModelSpec, zero: ZeroSettings) -> int:
+    """Non-persistent ZeRO-3 params left gathered after their forward, waiting for the backward.
+
+    The trace covers forward and backward. A module's params are not released after its forward
+    when their reuse comes within max_reuse_distance params of trace
+    (partitioned_param_coordinator.__params_to_release): about 2 x the params used after it.
+    With the preset's 1e9, every model below ~500M params stays whole through the update.
+    """
+    leaves = [(pid, n) for pid, n in spec.leaves_in_forward_order()
+              if n > zero.param_persistence_threshold]
+    kept, after = {}, 0
+    for pid, n in reversed(leaves):
+        if 2 * after < zero.max_reuse_distance:
+            kept[pid] = n
+        after += n
+    return sum(kept.values())
+
+
+def live_update_numel(spec: ModelSpec, zero: ZeroSettings) -> int:
+    """Gathered params during forward+backward: held + the module computing + prefetch bucket."""
+    held = held_for_backward_numel(spec, zero)
+    prefetch = min(zero.prefetch_bucket_size, max(0, zero.max_live_parameters - held))
+    partitioned = spec.total_params - persistent_numel(spec, zero)
+    return min(partitioned, held + spec.largest_leaf + prefetch)
+
+
+def gathered_generation_bytes(spec: ModelSpec, p: int, shape: TrainingShape) -> tuple[int, str]:
+    """Weights held while decoding: a full copy, or two neighbouring layer groups.
+
+    `auto` picks layers iff the full copy exceeds the gather budget (as rollout/engine.py does).
+    """
+    full, budget = p * spec.total_params, shape.gather_budget_bytes
+    if shape.gather == "full" or (shape.gather == "auto" and (budget is None or full <= budget)):
+        return full, f"full copy, {p} B/param"
+    from grpo_ds.rollout.gather import plan_layers_per_group
+
+    layer = p * spec.layer_params
+    embed = p * spec.embed_params
+    head = p * (spec.final_norm_params + (spec.embed_params if spec.tie_word_embeddings
+                                          else spec.head_params))
+    k = plan_layers_per_group(layer, max(embed, head), shape.gather_budget_bytes)
+    k = min(k, spec.num_layers)
+    pairs = [embed + k * layer, k * layer + head]
+    if spec.num_layers > k:
+        pairs.append(2 * k * layer)
+    return max(pairs), f"layer groups of {k}: two neighbours gathered"
+
+
+def reference_components(spec, shape: TrainingShape, zero: ZeroSettings, world, p) -> list:
+    """Frozen reference: ZeRO-3 partitions on host (cpu_offload) or device (sharded)."""
+    placement = shape.reference_placement
+    if placement == "none":
+        return []
+    live = min(spec.total_params, spec.largest_leaf + zero.prefetch_bucket_size)
+    rows = shape.micro_batch_size
+    forward = (rows * shape.seq_len * inference_token_bytes(spec, p)
+               + logprob_chunk_bytes(spec, rows * shape.max_new_tokens, shape.logprob_chunk_size))
+    return [
+        _placed("reference params", "persistent", p * spec.total_params / world,
+                "cpu" if placement == "cpu_offload" else "none", f"{p} B/param / {world}, {placement}"),
+        Component("reference gathered params", "reference", device=p * live,
+                  note="largest module + prefetch bucket"),
+        Component("reference forward", "reference", device=forward,
+                  note=f"{rows} seqs no-grad forward + log-prob chunk"),
+    ]
+
+
+def generation_components(spec, shape: TrainingShape, zero: ZeroSettings, p) -> list:
+    rows = shape.prompts_per_rank * shape.group_size
+    if zero.stage >= 3:
+        gathered, note = gathered_generation_bytes(spec, p, shape)
+    else:
+        gathered, note = 0, "stage < 3: params are already whole"
+    kv = kv_cache_bytes(spec, p, rows, shape.seq_len)
+    prefill_tokens = shape.prompts_per_rank * shape.prompt_len  # shared prefill: each prompt once
+    prefill = prefill_tokens * inference_token_bytes(spec, p)
+    if shape.attention == "eager":
+        prefill += shape.prompts_per_rank * spec.num_heads * shape.prompt_len ** 2 * (4 + p)
+    sampling = spec.vocab_size * SAMPLING_BYTES_PER_LOGIT
+    working = max(prefill + shape.prompts_per_rank * sampling, rows * sampling)
+    return [
+        Component("generation gathered weights", "generation", device=gathered, note=note),
+        Component("generation KV cache", "generation", device=kv + kv // spec.num_layers,
+                  note=f"{rows} seqs x {shape.seq_len} tokens, + 1 layer copied on compaction"),
+        Component("generation working", "generation", device=working,
+                  note="prefill activations / sampling over the vocab"),
+    ]
+
+
+def update_components(spec, shape: TrainingShape, zero: ZeroSettings, p) -> list:
+    tokens = shape.micro_batch_size * shape.seq_len
+    ckpt = "checkpointed" if shape.gradient_checkpointing else "no checkpointing"
+    out = [
+        Component("update activations", "update", note=f"{tokens} tokens, {ckpt}",
+                  device=activation_bytes(spec, p, tokens, shape.seq_len,
+                                          shape.gradient_checkpointing, shape.attention)),
+        Component("update log-prob chunk", "update", note="3 x chunk x vocab x 4 B",
+                  device=logprob_chunk_bytes(spec, shape.micro_batch_size * shape.max_new_tokens,
+                                             shape.logprob_chunk_size)),
+    ]
+    if zero.stage >= 3:
+        out.append(Component("update gathered params", "update", device=p * live_update_numel(spec, zero),
+                             note="kept for backward (max_reuse_distance) + prefetch"))
+    return out
+
+
+def buffer_components(spec, zero: ZeroSettings, world, p, device_is_host) -> list:
+    out = []
+    if zero.stage >= 3:
+        out.append(Component("zero3 persistent params", "persistent",
+                             device=p * persistent_numel(spec, zero),
+                             note=f"modules <= {zero.param_persistence_threshold} params, whole"))
+        out.append(Component("reduce bucket", "persistent", device=p * zero.reduce_bucket_size,
+                             note="reduce_bucket_size x dtype"))
+    else:
+        out.append(Component("reduce + allgather buckets", "persistent",
+                             device=p * (zero.reduce_bucket_size + zero.allgather_bucket_size)))
+    if zero.offload_optimizer == "nvme":
+        largest = min(zero.sub_group_size, math.ceil(spec.total_params / world))
+        out.append(Component("nvme optimizer swap buffers", "persistent",
+                             host=zero.optimizer_buffer_count * largest * 4,
+                             note="buffer_count x sub-group x 4 B"))
+    if zero.offload_param == "nvme":
+        out.append(Component("nvme param swap buffers", "persistent",
+                             host=zero.param_buffer_count * zero.param_buffer_size * p,
+                             note="buffer_count x buffer_size x dtype"))
+    out.append(Component("runtime", "persistent", host=RUNTIME_HOST_BYTES,
+                         device=0 if device_is_host else RUNTIME_DEVICE_BYTES,
+                         note="process: torch, DeepSpeed, comm"))
+    return out
+
+
+# ---- plan -----------------------------------------------------------------------------------
+
+
+def _peak(components: list, columns: tuple[str, ...]) -> tuple[int, str]:
+    """persistent + the largest phase, summed over `columns`; returns (bytes, peak phase)."""
+    def total(phase):
+        return sum(getattr(c, col) for c in components if c.phase == phase for col in columns)
+    phase = max(PHASES, key=total)
+    return total("persistent") + total(phase), phase
+
+
+@dataclass
+class Totals:
+    device_per_rank: int
+    host_per_rank: int
+    nvme_per_rank: int
+    ram_per_rank: int  # device + host, one pool (what a CPU-only node holds per rank)
+    host_per_node: int
+    ram_per_node: int
+    peak_phase: str
+
+
+def totals(components: list, ranks_per_node: int, device_is_host: bool) -> Totals:
+    device, dphase = _peak(components, ("device",))
+    host, _ = _peak(components, ("host",))
+    ram, rphase = _peak(components, ("device", "host"))
+    nvme = sum(c.nvme for c in components)
+    return Totals(device, host, nvme, ram, ranks_per_node * host, ranks_per_node * ram,
+                  rphase if device_is_host else dphase)
+
+
+@dataclass
+class MemoryPlan:
+    """All figures in bytes. `components` are per rank; PPO adds `critic` to them."""
+
+    model: str
+    params: int
+    world_size: int
+    nodes: int
+    ranks_per_node: int
+    zero: ZeroSettings
+    shape: TrainingShape
+    budgets: Budgets
+    components: list
+    critic: list
+    grpo: Totals
+    ppo: Totals
+    deepspeed_estimate: dict | None
+    reasons: list = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.reasons
+
+    @property
+    def verdict(self) -> str:
+        return "fits" if self.fits else "does not fit: " + "; ".join(self.reasons)
+
+    @property
+    def ppo_diff_bytes(self) -> int:
+        """Extra per-rank memory (device + host) of PPO's critic over GRPO."""
+        return (self.ppo.device_per_rank + self.ppo.host_per_rank
+                - self.grpo.device_per_rank - self.grpo.host_per_rank)
+
+    @property
+    def ppo_diff_pct(self) -> float:
+        return 100.0 * self.ppo_diff_bytes / (self.grpo.device_per_rank + self.grpo.host_per_rank)
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in ("model", "params", "world_size", "nodes",
+                                               "ranks_per_node", "deepspeed_estimate")}
+        out.update(zero=asdict(self.zero), training=asdict(self.shape), budgets=asdict(self.budgets),
+                   components={c.name: asdict(c) for c in self.components},
+                   critic={c.name: asdict(c) for c in self.critic},
+                   **asdict(self.grpo), ppo=asdict(self.ppo), ppo_diff_bytes=self.ppo_diff_bytes,
+                   ppo_diff_pct=round(self.ppo_diff_pct, 2), fits=self.fits, verdict=self.verdict)
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB"
+
+
+def _largest(components: list, columns: tuple[str, ...], phase: str) -> str:
+    used = [c for c in components if c.phase in ("persistent", phase)]
+    big = max(used, key=lambda c: sum(getattr(c, col) for col in columns))
+    return f"largest component: {big.name} {_gib(sum(getattr(big, col) for col in columns))}"
+
+
+def check_budgets(components: list, t: Totals, budgets: Budgets, ranks_per_node: int) -> list:
+    """Reasons the plan does not fit (empty list: it fits)."""
+    if budgets.device_is_host:
+        if t.ram_per_node <= budgets.host_bytes:
+            return []
+        why = _largest(components, ("device", "host"), t.peak_phase)
+        return [(f"RAM per node (device = host, {ranks_per_node} ranks x {_gib(t.ram_per_rank)}) "
+                 f"needs {_gib(t.ram_per_node)} > budget {_gib(budgets.host_bytes)} "
+                 f"(peak in {t.peak_phase}; {why})")]
+    reasons = []
+    if t.device_per_rank > budgets.device_bytes:
+        why = _largest(components, ("device",), t.peak_phase)
+        reasons.append(f"device memory per rank needs {_gib(t.device_per_rank)} > budget "
+                       f"{_gib(budgets.device_bytes)} (peak in {t.peak_phase}; {why})")
+    if t.host_per_node > budgets.host_bytes:
+        why = _largest(components, ("host",), "persistent")
+        reasons.append(f"host memory per node ({ranks_per_node} ranks) needs {_gib(t.host_per_node)} "
+                       f"> budget {_gib(budgets.host_bytes)} ({why})")
+    return reasons
+
+
+def plan_memory(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: int,
+                training: TrainingShape, budgets: Budgets) -> MemoryPlan:
+    """The per-rank memory plan of a GRPO run (and the same run as PPO with a critic)."""
+    if world_size % nodes:
+        raise ValueError(f"world_size={world_size} does not divide over nodes={nodes}")
+    zero, p, rpn = zero_settings(ds_config), DTYPE_BYTES[training.dtype], world_size // nodes
+    spec, w = model_spec, world_size
+    components = (model_state_components("policy", spec, zero, w, p)
+                  + reference_components(spec, training, zero, w, p)
+                  + generation_components(spec, training, zero, p)
+                  + update_components(spec, training, zero, p)
+                  + buffer_components(spec, zero, w, p, budgets.device_is_host))
+    critic_act = next(c for c in components if c.name == "update activations")
+    critic = model_state_components("critic", spec, zero, w, p) + [
+        Component("critic activations", "update", device=critic_act.device,
+                  note="same size as the policy's")]
+    grpo = totals(components, rpn, budgets.device_is_host)
+    ppo = totals(components + critic, rpn, budgets.device_is_host)
+    return MemoryPlan(spec.name, spec.total_params, w, nodes, rpn, zero, training, budgets,
+                      components, critic, grpo, ppo, deepspeed_estimate(spec, zero, w, nodes),
+                      check_budgets(components, grpo, budgets, rpn))
+
+
+def model_states_figure(plan: MemoryPlan) -> tuple[int, int]:
+    """Policy params + grads + fp32 grads + optimizer states: (device per rank, host per node)."""
+    states = [c for c in plan.components if c.name.startswith("policy ")]
+    return sum(c.device for c in states), plan.ranks_per_node * sum(c.host for c in states)
+
+
+def deepspeed_estimate(spec: ModelSpec, zero: ZeroSettings, world: int, nodes: int) -> dict | None:
+    """DeepSpeed's own model-states estimator for the same setup (16-bit params + fp32 Adam)."""
+    rpn, offload_opt = world // nodes, zero.offload_optimizer != "none"
+    if zero.stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        host, device, _ = estimate_zero3_model_states_mem_needs(
+            total_params=spec.total_params, largest_layer_params=spec.largest_leaf,
+            num_gpus_per_node=rpn, num_nodes=nodes, cpu_offload=offload_opt,
+            cpu_offload_params=zero.offload_param != "none", zero_init=True)
+        name = "estimate_zero3_model_states_mem_needs"
+    elif zero.stage in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        host, device = estimate_zero2_model_states_mem_needs(
+            total_params=spec.total_params, num_gpus_per_node=rpn, num_nodes=nodes,
+            cpu_offload=offload_opt)
+        name = "estimate_zero2_model_states_mem_needs"
+    else:
+        return None
+    return {"function": name, "device_per_rank": int(device), "host_per_node": int(host)}
+
+
+def training_shape_from_config(cfg, world_size: int) -> TrainingShape:
+    """TrainingShape from a grpo_ds.config.Config (prompts split evenly over ranks)."""
+    prompts = cfg.train.prompts_per_step
+    if prompts % world_size:
+        raise ValueError(f"train.prompts_per_step={prompts} does not divide over {world_size} ranks")
+    budget = cfg.rollout.memory_budget_gb
+    return TrainingShape(
+        group_size=cfg.rollout.group_size, prompt_len=cfg.data.max_prompt_length,
+        max_new_tokens=cfg.rollout.max_new_tokens, prompts_per_rank=prompts // world_size,
+        micro_batch_size=cfg.train.micro_batch_size, dtype=cfg.model.dtype, beta=cfg.grpo.beta,
+        reference=cfg.deepspeed.reference_placement,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, gather=cfg.rollout.gather,
+        gather_budget_bytes=None if budget is None else int(budget * GIB),
+        logprob_chunk_size=cfg.train.logprob_chunk_size)
