@@ -70,7 +70,7 @@ def save_hf_model(engine, tokenizer, out_dir: str | Path, dtype: str = "float32"
     import deepspeed.comm as dist
 
     lm = engine.module.lm
-    if hasattr(engine, "_zero3_consolidated_16bit_state_dict"):
+    if engine.zero_optimization_stage() == 3:
         # Collective: every rank must call it; only rank 0 receives the full state dict.
         state = engine._zero3_consolidated_16bit_state_dict()
     else:
