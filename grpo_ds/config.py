@@ -197,6 +197,20 @@ class OutputConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save_every: int = 50
+    """Save a checkpoint every N GRPO steps (0 = only at the end and when preempted)."""
+    keep_last: int = 3
+    """Keep the newest K checkpoints; older ones are deleted once `latest` has moved (0 = keep all)."""
+    resume: str | None = None
+    """`auto` (the latest checkpoint if there is one), `latest` (must exist) or a checkpoint path."""
+    max_bad_steps: int = 3
+    """Abort after this many GRPO steps in a row skipped for a NaN/inf loss or gradient."""
+    dir: str | None = None
+    """Where checkpoints go (default `<output.run_dir>/checkpoints`), e.g. a larger scratch disk."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -208,6 +222,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -326,6 +341,7 @@ POSITIVE = (
     "rollout.group_size", "rollout.max_new_tokens", "rollout.temperature", "train.steps",
     "train.prompts_per_step", "train.micro_batch_size", "train.lr", "grpo.num_iterations",
     "train.logprob_chunk_size", "warmup.batch_size", "warmup.eval_every", "task.digits",
+    "checkpoint.max_bad_steps",
 )
 
 
@@ -384,6 +400,9 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: must be in (0, 1]")
     if cfg.rollout.top_k < 0:
         raise ConfigError(f"rollout.top_k={cfg.rollout.top_k}: must be >= 0")
+    for dotted in ("checkpoint.save_every", "checkpoint.keep_last"):
+        if _get(cfg, dotted) < 0:
+            raise ConfigError(f"{dotted}={_get(cfg, dotted)}: must be >= 0")
     if cfg.grpo.beta < 0:
         raise ConfigError(f"grpo.beta={cfg.grpo.beta}: must be >= 0")
     if cfg.grpo.epsilon_low < 0 or (cfg.grpo.epsilon_high or 0) < 0:
