@@ -123,6 +123,12 @@ class ArithmeticSource:
         """This rank's share of the held-out set (ranks together cover all of it)."""
         return self._rows(self.task.eval_problems[self.rank::self.world])
 
+    def state_dict(self) -> dict:
+        return {}  # the problems of a step are a pure function of (seed, step)
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     def demonstrations(self, step: int, batch_size: int) -> list[tuple[str, str]]:
         """This rank's (prompt, demonstration) pairs for warm-up step `step`."""
         rng = random.Random(f"{self.seed}-sft-{step}")
