@@ -99,7 +99,8 @@ class DataConfig:
 @dataclass
 class RewardsConfig:
     functions: list[str] = field(default_factory=lambda: ["grpo_ds.tasks.arithmetic:exact_answer"])
-    """Reward functions: built-in names, `pkg.module:fn` or `path/file.py:fn`."""
+    """Reward functions: built-in names, `pkg.module:fn`, `path/file.py:fn`, or `model:DIR`
+    (a local HF sequence classifier with one label, placed like the reference)."""
     weights: list[float] | None = None
     """One weight per function (default all 1.0)."""
     on_error: str = "raise"
@@ -237,7 +238,9 @@ def _coerce(value, annotation: str, where: str):
     kind = annotation.replace(" ", "")
     optional = kind.endswith("|None")
     kind = kind.removesuffix("|None")
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if isinstance(value, str) and value.lower() in ("none", "null") and optional:
+        return None
+    if value is None:
         if optional:
             return None
         raise ConfigError(f"{where}: must not be null")
@@ -420,6 +423,11 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
             f"rewards.weights has {len(weights)} entries but rewards.functions has "
             f"{len(cfg.rewards.functions)}"
         )
+    for spec in cfg.rewards.functions:
+        if spec.startswith("model:"):
+            from grpo_ds.rewards.model import check_classifier
+
+            check_classifier(spec.removeprefix("model:"))
     if cfg.task.name == "dataset" and not cfg.data.train_path:
         raise ConfigError("data.train_path: required when task.name='dataset'")
     if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
