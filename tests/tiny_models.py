@@ -1,0 +1,40 @@
+"""Tiny models and a text tokenizer built locally for tests: nothing is downloaded."""
+
+import string
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import PreTrainedTokenizerFast
+
+
+def text_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level over printable ASCII, with <pad>/<bos>/<eos>/<unk>."""
+    chars = sorted(set(string.printable))
+    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + chars)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                        special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
+                                   eos_token="<eos>", unk_token="<unk>", padding_side="left")
+
+
+def llama_config(tokenizer, **overrides) -> LlamaConfig:
+    fields = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def save_causal_lm(path: Path, tokenizer) -> Path:
+    LlamaForCausalLM(llama_config(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_reward_model(path: Path, tokenizer) -> Path:
+    LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
