@@ -147,6 +147,12 @@ class GRPOConfig:
     """mu: optimizer steps per batch of samples (old log-probs are needed when > 1)."""
     filter_tied_groups: bool = False
     """Drop groups whose rewards all tie (DAPO dynamic sampling); their advantage is 0 anyway."""
+    std: str = "sample"
+    """Std of the advantage normaliser: `sample` (n-1, as TRL/OpenRLHF/verl) or `population`."""
+    process_reward: str | None = None
+    """Process supervision (DeepSeekMath 4.1.3): a function spec returning, per completion, a
+    list of (step_end_token, reward); replaces the outcome advantage. Outcome rewards are still
+    computed and logged."""
 
 
 @dataclass
@@ -337,6 +343,7 @@ CHOICES = {
     "grpo.kl_estimator": ("k1", "k2", "k3"),
     "grpo.loss_aggregation": ("grpo", "token_mean", "dr_grpo"),
     "grpo.scale_rewards": ("group", "batch", "none"),
+    "grpo.std": ("sample", "population"),
     "deepspeed.reference_placement": ("cpu_offload", "sharded", "none"),
 }
 
@@ -415,6 +422,9 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
             f"deepspeed.reference_placement='none' needs grpo.beta=0 (got {cfg.grpo.beta}): "
             "the KL term needs the reference model"
         )
+    if cfg.grpo.process_reward and (cfg.grpo.kl_in_reward or cfg.grpo.filter_tied_groups):
+        raise ConfigError("grpo.process_reward: cannot be combined with grpo.kl_in_reward or "
+                          "grpo.filter_tied_groups (both act on outcome rewards)")
     if not 0 <= cfg.task.carry_drop <= 1:
         raise ConfigError(f"task.carry_drop={cfg.task.carry_drop}: must be in [0, 1]")
     weights = cfg.rewards.weights
