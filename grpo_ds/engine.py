@@ -82,6 +82,12 @@ def build_reference(path: str, policy_ds: dict, placement: str, dtype: str, chun
         return None
     ds_config = reference_ds_config(policy_ds, placement)
     lm, _ = load_sharded(path, ds_config, dtype)
+    return reference_engine(lm, ds_config, chunk_size)
+
+
+def reference_engine(lm: torch.nn.Module, ds_config: dict, chunk_size: int):
+    """Freeze `lm` (built or loaded under `ds_config`, a reference_ds_config) and wrap it as the
+    reference engine. The memory benchmark builds `lm` in zero.Init directly, without a file."""
     lm.requires_grad_(False)
     module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)
     engine, *_ = deepspeed.initialize(model=module, config=ds_config)
