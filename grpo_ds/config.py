@@ -200,7 +200,7 @@ class OutputConfig:
     log_samples_every: int = 10
     """Log text samples to TensorBoard every N steps (0 = never)."""
     quiet: bool = False
-    """No progress line; only the final summary."""
+    """Batch jobs: no per-step progress line or progress bars; milestones and summary print."""
 
 
 @dataclass

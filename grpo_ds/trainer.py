@@ -22,6 +22,7 @@ from grpo_ds.advantages import combine_rewards, group_advantages, tied_group_mas
 from grpo_ds.batch import RolloutBatch, join
 from grpo_ds.config import BatchPlan, Config
 from grpo_ds.loss import grpo_loss, merge_loss_metrics
+from grpo_ds.metrics import peak_memory_metrics
 from grpo_ds.rewards import compute_rewards
 from grpo_ds.rollout import HybridRollout, SamplingParams, logprob_gap
 
@@ -185,6 +186,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
              reward_names, logger) -> dict:
     """The loop. Returns the summary fields of the GRPO phase."""
     rank, device = dist.get_rank(), policy.device
+    logger.attach_monitor(policy.monitor)  # the DS config's tensorboard/csv/wandb, if any
     rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                             gather=cfg.rollout.gather, tokenizer=tokenizer,
                             memory_budget_bytes=None if cfg.rollout.memory_budget_gb is None
@@ -221,6 +223,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
                         "time/update": t3 - t2, "time/step": t3 - t0,
                         "throughput/tokens_per_second": tokens / (t3 - t0)})
         metrics = reduce_rollout_metrics(metrics, rewards, device)
+        metrics.update(peak_memory_metrics(device))  # per rank, so after the averaging
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             metrics["eval/accuracy"] = accuracy()
             history.append({"step": step, "accuracy": metrics["eval/accuracy"]})
