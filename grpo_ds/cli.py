@@ -8,6 +8,7 @@ GPU, or 2 on a machine without GPUs (DeepSpeed's own default on CPU is the NUMA-
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import shutil
 import signal
@@ -24,6 +25,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_problem(port: int, host: str = "") -> str | None:
+    """Why rank 0 could not listen on `port` on this machine, or None if it can.
+
+    host "" probes every interface, as torch's TCPStore binds. SO_REUSEADDR, as TCPStore sets, so
+    only a live listener counts, not a closed connection in TIME_WAIT.
+    """
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+            probe.listen(1)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return (f"master port {port} is already in use on this machine (another job?): "
+                        "set another port, or leave it unset to pick a free one")
+            if err.errno == errno.EACCES:
+                return f"master port {port}: permission denied (ports below 1024 need root)"
+            if err.errno == errno.EADDRNOTAVAIL:
+                return None  # `host` is another machine's address: nothing to check here
+            raise
+    return None
+
+
 def default_num_ranks() -> int:
     from deepspeed.accelerator import get_accelerator
 
@@ -31,6 +55,16 @@ def default_num_ranks() -> int:
     if accelerator.device_name() == "cpu":
         return 2
     return max(1, accelerator.device_count())
+
+
+def launcher_env() -> dict[str, str]:
+    """The environment of the launcher and its ranks."""
+    from deepspeed.accelerator import get_accelerator
+
+    env = dict(os.environ)
+    if "DS_ACCELERATOR" not in env and get_accelerator().device_name() == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"  # what we detected: spares every process the warning
+    return env
 
 
 def launcher_command(config: str | None, overrides: list[str], num_ranks: int, port: int) -> list[str]:
@@ -55,10 +89,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     port = cfg.deepspeed.master_port or free_port()
+    problem = port_problem(port)
+    if problem:
+        # Checked here because a busy port otherwise fails inside every rank, after the imports.
+        print(f"grpo-ds train: deepspeed.master_port: {problem}", file=sys.stderr)
+        return 2
     command = launcher_command(args.config, overrides, num_ranks, port)
     print(f"launching {num_ranks} ranks: {' '.join(command)}", flush=True)
     # Own process group, so one Ctrl-C / SIGTERM reaches the launcher and its ranks together.
-    process = subprocess.Popen(command, start_new_session=True)
+    process = subprocess.Popen(command, start_new_session=True, env=launcher_env())
 
     def forward(signum, _frame):
         os.killpg(process.pid, signum)

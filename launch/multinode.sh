@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# grpo-ds on several machines with the DeepSpeed launcher. Two ways to start it:
+#
+# 1. ssh mode (NODE_RANK unset): one command, on the first host of the hostfile. The launcher
+#    starts every host's ranks over passwordless ssh with pdsh.
+#      HOSTFILE=launch/hostfile launch/multinode.sh [CONFIG.yaml] [--section.key=value ...]
+#    Needs pdsh on this host, passwordless ssh to every host (the launcher checks the first one),
+#    and the repo at the same path with the same Python environment on every host: the launcher
+#    runs `cd $PWD; python -m deepspeed.launcher.launch ...` there.
+#
+# 2. no_ssh mode (NODE_RANK set): one command per node, which you (or SLURM, see
+#    slurm/grpo.sbatch, or Kubernetes) start on every node at about the same time:
+#      on node A:  NNODES=2 NODE_RANK=0 MASTER_ADDR=nodeA launch/multinode.sh [args]
+#      on node B:  NNODES=2 NODE_RANK=1 MASTER_ADDR=nodeA launch/multinode.sh [args]
+#    Each launcher starts only its own node's ranks (`deepspeed --no_ssh --node_rank R`); no ssh.
+#    Without HOSTFILE, a hostfile of NNODES lines with NPROC_PER_NODE slots is written for the
+#    launcher: in this mode the names are labels (NODE_NAMES, else node0, node1, ...) and the
+#    order of the lines is the node rank.
+#
+# Both modes: rank 0 writes the run directory, and every rank loads the warm-up model from it, so
+# output.run_dir must be on a filesystem all nodes share.
+#
+# Environment (default):
+#   NPROC_PER_NODE  ranks per node (every GPU; 2 on a machine without GPUs)
+#   NNODES          nodes to use (ssh mode: every host in HOSTFILE; no_ssh mode: required)
+#   NODE_RANK       this node's rank, 0..NNODES-1; set it to choose no_ssh mode
+#   MASTER_ADDR     address of node rank 0, reachable from every node (ssh mode: the first
+#                   host's `hostname -I`; no_ssh mode: required)
+#   MASTER_PORT     rendezvous port on MASTER_ADDR (29500); checked free before launch on node 0
+#   HOSTFILE        MPI-style hostfile, `host slots=N` per line (see hostfile.example)
+#   NODE_NAMES      no_ssh mode without HOSTFILE: space-separated host labels for the log
+#   CONFIG          training YAML (unset: the embedded default); DS_CONFIG -> --deepspeed.config
+#   RANK_LOG_DIR    each rank's stdout/stderr goes to DIR/<time>_rank<r>.log, not the console
+#   DEEPSPEED_TIMEOUT  minutes a rank waits for the others, at the rendezvous and in every
+#                   collective (DeepSpeed's default 10). A node that never arrives fails the rest
+#                   after this long; do not set it below your slowest generation phase.
+#   DRY_RUN=1       run the checks, print the launcher command, do not launch
+#   PYTHON          interpreter with grpo_ds and deepspeed installed (python)
+#
+# Environment variables on every node. ssh mode: the launcher exports this shell's NCCL*,
+# PYTHON*, UCX*, MV2* and MLFLOW* variables, plus every KEY=VALUE line of ~/.deepspeed_env and
+# then ./.deepspeed_env (the file name can be changed with DS_ENV_FILE). Those files take one
+# KEY=VALUE per line, with no blank lines and no comments: the launcher splits every line at '='.
+# no_ssh mode: the launcher reads no .deepspeed_env; every node's ranks inherit the environment
+# of the command that started them (srun passes the job's environment on by default).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+python=${PYTHON:-python}
+MASTER_PORT=${MASTER_PORT:-29500}
+# (tail: DeepSpeed may log its accelerator choice on stdout first)
+NPROC_PER_NODE=${NPROC_PER_NODE:-$("$python" -c \
+    'from grpo_ds.cli import default_num_ranks; print(default_num_ranks())' 2>/dev/null | tail -n1)}
+if [[ -z $NPROC_PER_NODE ]]; then
+    echo "multinode.sh: cannot import grpo_ds with '$python'; activate its environment" >&2
+    exit 2
+fi
+
+train_args=()
+if [[ -n ${CONFIG:-} ]]; then train_args+=("$CONFIG"); fi
+if [[ -n ${DS_CONFIG:-} ]]; then train_args+=("--deepspeed.config=$DS_CONFIG"); fi
+train_args+=("$@")
+
+launcher=("$python" -m deepspeed.launcher.runner --master_port "$MASTER_PORT"
+          --num_gpus "$NPROC_PER_NODE")
+preflight=("$python" "$here/preflight.py" --num_gpus "$NPROC_PER_NODE")
+generated=""
+trap '[[ -n $generated ]] && rm -f "$generated"' EXIT
+
+if [[ -n ${NODE_RANK:-} ]]; then
+    : "${NNODES:?no_ssh mode (NODE_RANK set) needs NNODES}"
+    : "${MASTER_ADDR:?no_ssh mode (NODE_RANK set) needs MASTER_ADDR, the address of node rank 0}"
+    if (( NODE_RANK < 0 || NODE_RANK >= NNODES )); then
+        echo "multinode.sh: NODE_RANK=$NODE_RANK is outside 0..$((NNODES - 1))" >&2
+        exit 2
+    fi
+    if [[ -z ${HOSTFILE:-} ]]; then
+        generated=$(mktemp "${TMPDIR:-/tmp}/grpo-ds-hostfile.XXXXXX")
+        read -r -a names <<< "${NODE_NAMES:-}"
+        for ((i = 0; i < NNODES; i++)); do
+            echo "${names[i]:-node$i} slots=$NPROC_PER_NODE" >> "$generated"
+        done
+        HOSTFILE=$generated
+    fi
+    launcher+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
+    # Only node rank 0 hosts the rendezvous; it probes the port on every interface.
+    if (( NODE_RANK == 0 )); then preflight+=(--check_port "$MASTER_PORT"); fi
+else
+    : "${HOSTFILE:?ssh mode needs HOSTFILE (or set NODE_RANK for no_ssh mode)}"
+    if [[ -n ${MASTER_ADDR:-} ]]; then
+        launcher+=(--master_addr "$MASTER_ADDR")
+        # Checked only if MASTER_ADDR is one of this machine's addresses.
+        preflight+=(--check_port "$MASTER_PORT" --master_addr "$MASTER_ADDR")
+    fi
+    if ! command -v pdsh > /dev/null; then
+        echo "multinode.sh: ssh mode needs pdsh on this host (or use no_ssh mode: NODE_RANK)" >&2
+        exit 2
+    fi
+fi
+launcher+=(--hostfile "$HOSTFILE")
+preflight+=(--hostfile "$HOSTFILE")
+if [[ -n ${NNODES:-} ]]; then
+    launcher+=(--num_nodes "$NNODES")
+    preflight+=(--num_nodes "$NNODES")
+fi
+if [[ -n ${RANK_LOG_DIR:-} ]]; then launcher+=(--enable_each_rank_log "$RANK_LOG_DIR"); fi
+launcher+=(--module grpo_ds.train "${train_args[@]}")
+
+"${preflight[@]}" "${train_args[@]}"
+if [[ -n ${DRY_RUN:-} ]]; then
+    printf '%q ' "${launcher[@]}"
+    echo
+    exit 0
+fi
+"${launcher[@]}"
