@@ -18,7 +18,9 @@
 #    order of the lines is the node rank.
 #
 # Both modes: rank 0 writes the run directory, and every rank loads the warm-up model from it, so
-# output.run_dir must be on a filesystem all nodes share.
+# output.run_dir must be on a filesystem all nodes share. Before launching, launch/preflight.py
+# checks the hostfile, the config for the whole world size, that MASTER_ADDR resolves and (on node
+# rank 0) that MASTER_PORT is free, so these mistakes fail in seconds instead of in every rank.
 #
 # Environment (default):
 #   NPROC_PER_NODE  ranks per node (every GPU; 2 on a machine without GPUs)
@@ -83,14 +85,16 @@ if [[ -n ${NODE_RANK:-} ]]; then
         HOSTFILE=$generated
     fi
     launcher+=(--no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR")
+    preflight+=(--master_addr "$MASTER_ADDR")
     # Only node rank 0 hosts the rendezvous; it probes the port on every interface.
     if (( NODE_RANK == 0 )); then preflight+=(--check_port "$MASTER_PORT"); fi
 else
     : "${HOSTFILE:?ssh mode needs HOSTFILE (or set NODE_RANK for no_ssh mode)}"
     if [[ -n ${MASTER_ADDR:-} ]]; then
         launcher+=(--master_addr "$MASTER_ADDR")
-        # Checked only if MASTER_ADDR is one of this machine's addresses.
-        preflight+=(--check_port "$MASTER_PORT" --master_addr "$MASTER_ADDR")
+        # The port is checked only if MASTER_ADDR is one of this machine's addresses.
+        preflight+=(--master_addr "$MASTER_ADDR" --check_port "$MASTER_PORT"
+                    --port_host "$MASTER_ADDR")
     fi
     if ! command -v pdsh > /dev/null; then
         echo "multinode.sh: ssh mode needs pdsh on this host (or use no_ssh mode: NODE_RANK)" >&2

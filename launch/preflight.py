@@ -1,16 +1,19 @@
 """Pre-launch checks for launch/multinode.sh: fail in seconds, with the cause named, not in a hang.
 
 Checks, before any rank exists: the hostfile parses (with DeepSpeed's own parser, so the verdict
-is the launcher's), the training config is valid for the resulting world size, and, on the
-machine that will host rank 0, that the rendezvous port is free. Exit status 0 or 2.
+is the launcher's), the training config is valid for the resulting world size, the master address
+resolves, and, on the machine that will host rank 0, that the rendezvous port is free. Without
+these checks each mistake surfaces later: a traceback in every rank, or a node that waits for
+the others until DEEPSPEED_TIMEOUT. Exit status 0 or 2.
 
-    python launch/preflight.py --hostfile H [--num_nodes N] [--num_gpus G] [--check_port P]
-                               [--master_addr A] [CONFIG.yaml] [--section.key=value ...]
+    python launch/preflight.py --hostfile H [--num_nodes N] [--num_gpus G] [--master_addr A]
+                               [--check_port P [--port_host A]] [CONFIG.yaml] [--section.key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 
 
@@ -35,10 +38,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--hostfile", required=True)
     parser.add_argument("--num_nodes", type=int, default=-1)
     parser.add_argument("--num_gpus", type=int, default=-1)
+    parser.add_argument("--master_addr", default=None, help="must resolve on this machine")
     parser.add_argument("--check_port", type=int, default=None,
-                        help="rank 0's rendezvous port, checked if MASTER_ADDR is this machine")
-    parser.add_argument("--master_addr", default="",
-                        help="probe this address ('' = every interface: we are node rank 0)")
+                        help="rank 0's rendezvous port: must be free here")
+    parser.add_argument("--port_host", default="",
+                        help="probe the port on this address only, if it is one of ours "
+                        "('' = every interface, as on node rank 0)")
     args, rest = parser.parse_known_args(argv)
     config = rest[0] if rest and not rest[0].startswith("--") else None
     overrides = rest[1:] if config else rest
@@ -57,8 +62,15 @@ def main(argv: list[str]) -> int:
         print(f"preflight: config error for {world} ranks on {len(hosts)} nodes: {err}",
               file=sys.stderr)
         return 2
+    if args.master_addr is not None:
+        try:
+            socket.getaddrinfo(args.master_addr, None)
+        except socket.gaierror as err:
+            print(f"preflight: MASTER_ADDR={args.master_addr!r} does not resolve here: {err}",
+                  file=sys.stderr)
+            return 2
     if args.check_port is not None:
-        problem = port_problem(args.check_port, args.master_addr)
+        problem = port_problem(args.check_port, args.port_host)
         if problem:
             print(f"preflight: MASTER_PORT: {problem}", file=sys.stderr)
             return 2

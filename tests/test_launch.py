@@ -80,14 +80,15 @@ def test_multinode_no_ssh_mode_builds_one_launcher_per_node():
 def test_sbatch_starts_the_no_ssh_launcher_on_every_node_with_its_rank(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'gpu-a\\ngpu-b\\n'\n")
+    # The first host must resolve here (the preflight checks MASTER_ADDR): localhost.
+    (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'localhost\\ngpu-b\\n'\n")
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n# stand-in: one task per node, in turn, with the node's SLURM_NODEID\n"
         "while [[ $1 == -* ]]; do shift; done\n"
         "for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n \"$@\" || exit $?; done\n")
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
-    env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_NNODES": "2",
+    env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "localhost,gpu-b", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT), "NPROC_PER_NODE": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     result = run(["bash", LAUNCH / "slurm" / "grpo.sbatch", "--train.steps=2"], env=env)
@@ -95,10 +96,10 @@ def test_sbatch_starts_the_no_ssh_launcher_on_every_node_with_its_rank(tmp_path)
     launches = [line for line in result.stdout.splitlines() if "deepspeed.launcher.runner" in line]
     assert len(launches) == 2
     # The generated hostfile names the allocation's hosts, in scontrol's order.
-    assert result.stdout.count("preflight: 2 nodes (gpu-a, gpu-b), 2 ranks, config OK") == 2
+    assert result.stdout.count("preflight: 2 nodes (localhost, gpu-b), 2 ranks, config OK") == 2
     for node_rank, line in enumerate(launches):
         # Rendezvous on the first host of the allocation, at a port derived from the job id.
-        assert f"--no_ssh --node_rank {node_rank} --master_addr gpu-a" in line
+        assert f"--no_ssh --node_rank {node_rank} --master_addr localhost" in line
         assert "--master_port 24242" in line  # 20000 + 4242 % 20000
         assert line.rstrip().endswith("--module grpo_ds.train --train.steps=2")
 
@@ -128,6 +129,15 @@ def test_bad_hostfile_entry_fails_before_launch(tmp_path):
     result = run([LAUNCH / "multinode.sh"], env=env, timeout=60)
     assert result.returncode == 2
     assert "bad entry: worker-1 slots=one" in result.stderr  # DeepSpeed's parser, named line
+
+
+def test_unresolvable_master_address_fails_before_launch():
+    env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "no-such-host.invalid",
+           "NPROC_PER_NODE": "1"}
+    result = run([LAUNCH / "multinode.sh"], env=env, timeout=60)
+    assert result.returncode == 2
+    # Otherwise node 1 would wait for a rendezvous that never comes, DEEPSPEED_TIMEOUT long.
+    assert "MASTER_ADDR='no-such-host.invalid' does not resolve" in result.stderr
 
 
 def test_node_rank_outside_the_node_count_is_refused():
