@@ -62,6 +62,9 @@ def test_quiet_mode_and_other_ranks_print_nothing(tmp_path, capsys, restore_libr
     capsys.readouterr()  # importing DeepSpeed may log its accelerator choice
     quiet.progress(1, {"reward": 1.0, "time/step": 1.0})
     quiet.close()
+    import transformers.utils.logging as hf_logging
+
+    assert not hf_logging.is_progress_bar_enabled()  # no "Writing model shards" bars in job logs
     other = RunLogger(tmp_path / "rank1", rank=1, total_steps=5)
     other.print("hello")
     other.progress(1, {"reward": 1.0, "time/step": 1.0})
