@@ -30,6 +30,9 @@ def init_distributed() -> None:
 
 def set_threads_per_rank() -> None:
     """Give each local rank its share of the cores, so 2 ranks on 2 cores do not fight."""
+    if "OMP_NUM_THREADS" in os.environ:  # the user's (or the launcher's) explicit choice
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+        return
     local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if get_accelerator().device_name() == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
