@@ -25,7 +25,28 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    unlink_shm_buffer()
     set_threads_per_rank()
+
+
+def unlink_shm_buffer() -> None:
+    """Free DeepSpeed's CPU shared-memory all-reduce buffer when the ranks exit.
+
+    On CPU, init_distributed creates one /dev/shm file per rank (~66 MiB, named after uid, master
+    address, port and rank), maps every rank's, and never unlinks them: each run leaks that RAM
+    until reboot. Once all ranks have mapped all buffers (init, then a barrier), unlinking our own
+    name keeps the mappings working and lets the kernel free the memory at exit.
+    """
+    if get_accelerator().device_name() != "cpu":
+        return
+    deepspeed.comm.barrier()
+    env = os.environ
+    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), env.get("MASTER_ADDR", ""),
+                     env.get("MASTER_PORT", ""), str(deepspeed.comm.get_rank())])
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # not all ranks local (no shm op), or not Linux
+        pass
 
 
 def set_threads_per_rank() -> None:
