@@ -16,7 +16,9 @@ import socket
 import subprocess
 import sys
 
+from grpo_ds.checkpoint import CheckpointError, checkpoint_root, find_resume
 from grpo_ds.config import ConfigError, load_config, validate
+from grpo_ds.failures import rank_processes
 
 
 def free_port() -> int:
@@ -77,6 +79,8 @@ def launcher_command(config: str | None, overrides: list[str], num_ranks: int, p
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     overrides = [a for a in extra if a.startswith("--") and "=" in a]
     unknown = [a for a in extra if a not in overrides]
+    if args.resume:
+        overrides.append(f"--checkpoint.resume={args.resume}")
     if unknown:
         print(f"grpo-ds train: unexpected arguments {unknown}; overrides look like "
               "--section.key=value", file=sys.stderr)
@@ -85,7 +89,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = load_config(args.config, overrides)
         num_ranks = cfg.deepspeed.num_gpus or default_num_ranks()
         validate(cfg, num_ranks)
-    except ConfigError as err:
+        find_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
+    except (ConfigError, CheckpointError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     port = cfg.deepspeed.master_port or free_port()
@@ -96,11 +101,17 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 2
     command = launcher_command(args.config, overrides, num_ranks, port)
     print(f"launching {num_ranks} ranks: {' '.join(command)}", flush=True)
-    # Own process group, so one Ctrl-C / SIGTERM reaches the launcher and its ranks together.
+    # Own session: a terminal's Ctrl-C reaches only this process, which forwards it.
     process = subprocess.Popen(command, start_new_session=True, env=launcher_env())
 
     def forward(signum, _frame):
-        os.killpg(process.pid, signum)
+        # To the ranks only: they finish the step, save, and exit with 143, which the launcher
+        # passes on. A signalled launcher would SIGTERM them again and SIGKILL them after 30 s.
+        ranks = rank_processes(process.pid)
+        for rank in ranks:
+            rank.send_signal(signum)
+        if not ranks:  # not started yet
+            os.killpg(process.pid, signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
@@ -112,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run GRPO (no CONFIG: the embedded default)")
     train.add_argument("config", nargs="?", help="YAML config; overrides: --section.key=value")
+    train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|latest|PATH",
+                       help="resume from a checkpoint (alone: auto, the latest if there is one)")
     sub.add_parser("plan", help="per-rank memory plan before launch", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: generation, step, memory")
     bench.add_argument("which", choices=["generation", "step", "memory"])

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import deepspeed.comm as dist
 
+from grpo_ds.checkpoint import Checkpointer, RunState, checkpoint_root, prepare_resume, resume_point
 from grpo_ds.config import Config, deepspeed_config, load_config, validate
 from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
+from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import save_hf_model
 from grpo_ds.rewards import load_reward_function
@@ -48,10 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
     init_distributed()
+    # An exception on any rank is printed once and ends this rank at once; the launcher then
+    # stops the others.
+    return run_rank(lambda: train(cfg), dist.get_rank(), cfg.output.run_dir)
+
+
+def train(cfg: Config) -> int:
+    """One rank's run: warm-up or resume, the engines, the GRPO loop, the model and summary."""
     rank, world = dist.get_rank(), dist.get_world_size()
     plan = validate(cfg, world)
     start = time.time()
     run_dir = Path(cfg.output.run_dir)
+    resume_from, state = resume_point(cfg)
     logger = RunLogger(run_dir, rank, cfg.train.steps, cfg.output.quiet)
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -60,18 +70,32 @@ def main(argv: list[str] | None = None) -> int:
     reward_fns = [load_reward_function(spec) for spec in cfg.rewards.functions]
 
     model_path, warmup_curve = cfg.model.path, None
-    if model_path is None:
+    if state is not None:  # resuming: no warm-up; the start model is also the reference
+        model_path, warmup_curve = cfg.model.path or state.model_path, state.warmup_curve
+    elif model_path is None:
         model_path, warmup_curve = warm_start(cfg, source, tokenizer, logger, reward_fns[0])
     ds = deepspeed_config(cfg, plan)
+    if state is not None:
+        ds = prepare_resume(resume_from, state, ds, logger.print)
     lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype)
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, cfg.model.gradient_checkpointing)
+    checkpointer = Checkpointer(policy, checkpoint_root(cfg), cfg.checkpoint.keep_last, source,
+                                logger.print)
+    if state is not None:
+        checkpointer.load(resume_from, state)
+    else:
+        state = RunState(model_path=str(Path(model_path).resolve()), world_size=world,
+                         warmup_curve=warmup_curve)
     reference = None
     if cfg.grpo.beta > 0:
         reference = build_reference(model_path, ds, cfg.deepspeed.reference_placement,
                                     cfg.model.dtype, cfg.train.logprob_chunk_size)
 
     result = run_grpo(cfg, plan, policy, reference, tokenizer, source, reward_fns,
-                      reward_names, logger)
+                      reward_names, logger, state, checkpointer)
+    if result["preempted"]:
+        logger.close()
+        return PREEMPTED_EXIT_CODE
     if cfg.output.save_model:
         save_hf_model(policy, tokenizer, run_dir / "model", cfg.model.dtype)
     summary = {"accuracy_before": result["accuracy_before"],

@@ -20,7 +20,16 @@ import torch
 
 from grpo_ds.advantages import combine_rewards, group_advantages, tied_group_mask
 from grpo_ds.batch import RolloutBatch, join
+from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import BatchPlan, Config
+from grpo_ds.failures import (
+    StopRequest,
+    agree,
+    check_bad_steps,
+    count_bad_step,
+    inject_faults,
+    nan_gradient_loss,
+)
 from grpo_ds.loss import grpo_loss, merge_loss_metrics
 from grpo_ds.metrics import peak_memory_metrics
 from grpo_ds.rewards import compute_rewards
@@ -130,6 +139,7 @@ def update(engine, batch: RolloutBatch, cfg: Config, plan: BatchPlan) -> dict:
             part = batch.slice(start, start + plan.micro_batch_size)
             old = old_chunks[index] if iteration > 0 else None
             loss, logprobs, metrics = micro_batch_loss(engine, part, cfg, counts, old)
+            loss = nan_gradient_loss(loss, logprobs)  # a NaN/inf loss: ZeRO-3 skips the step
             if cfg.grpo.num_iterations > 1 and iteration == 0:
                 old_chunks.append(logprobs.detach())
             # The loss is already this micro-batch's share of the step's loss. DeepSpeed
@@ -183,8 +193,9 @@ def evaluate(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], r
 
 
 def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source, reward_fns,
-             reward_names, logger) -> dict:
-    """The loop. Returns the summary fields of the GRPO phase."""
+             reward_names, logger, state: RunState, checkpointer: Checkpointer) -> dict:
+    """The loop, from `state.step` (0, or a resumed checkpoint's step). Returns the summary fields
+    of the GRPO phase; {"preempted": True} when a signal stopped it after a checkpoint."""
     rank, device = dist.get_rank(), policy.device
     logger.attach_monitor(policy.monitor)  # the DS config's tensorboard/csv/wandb, if any
     rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
@@ -196,11 +207,13 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
     def accuracy() -> float:
         return evaluate(cfg, rollout, tokenizer, eval_rows, reward_fns[0], device)
 
-    accuracy_before = accuracy()
-    logger.print(f"GRPO start: held-out greedy accuracy {accuracy_before:.3f}")
-    logger.scalars(0, {"eval/accuracy": accuracy_before})
-    history = [{"step": 0, "accuracy": accuracy_before}]
-    for step in range(1, cfg.train.steps + 1):
+    stop = StopRequest(rank).install()  # SIGTERM/SIGINT: finish the step, save, exit
+    if state.step == 0:
+        state.accuracy_before = accuracy()
+        logger.print(f"GRPO start: held-out greedy accuracy {state.accuracy_before:.3f}")
+        logger.scalars(0, {"eval/accuracy": state.accuracy_before})
+        state.history = [{"step": 0, "accuracy": state.accuracy_before}]
+    for step in range(state.step + 1, cfg.train.steps + 1):
         t0 = time.time()
         rows = source.step_rows(step)
         batch, rewards, texts, metrics = generate_and_score(
@@ -213,6 +226,8 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
                                                   cfg.rollout.temperature)
         t2 = time.time()
         metrics.update(score_advantages(cfg, batch, rewards))
+        inject_faults(step, rank, batch)  # tests only (GRPO_DS_FAULT); nothing when unset
+        skipped_before = policy.skipped_steps
         metrics.update(update(policy, batch, cfg, plan))
         if batch.old_logprobs is not None:
             gap = logprob_gap(batch.sampled_logprobs, batch.old_logprobs, batch.completion_mask)
@@ -224,9 +239,12 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
                         "throughput/tokens_per_second": tokens / (t3 - t0)})
         metrics = reduce_rollout_metrics(metrics, rewards, device)
         metrics.update(peak_memory_metrics(device))  # per rank, so after the averaging
+        # One all-reduce per step: a signal may reach only some ranks, yet all stop together.
+        stopping, bad = agree(stop.requested, policy.skipped_steps > skipped_before, device)
+        metrics["nan_skipped_steps"] = count_bad_step(state, bad, metrics["loss"])
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             metrics["eval/accuracy"] = accuracy()
-            history.append({"step": step, "accuracy": metrics["eval/accuracy"]})
+            state.history.append({"step": step, "accuracy": metrics["eval/accuracy"]})
         logger.scalars(step, metrics)
         logger.histogram(step, "rewards", rewards[~rewards.isnan()])
         logger.histogram(step, "advantages", batch.advantages)
@@ -234,11 +252,18 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
         if every and step % every == 0:
             logger.samples(step, texts[0][:8], texts[1][:8], rewards[:8].tolist())
         logger.progress(step, metrics)
+        state.step = step
+        check_bad_steps(state, cfg.checkpoint.max_bad_steps, checkpointer.latest())
+        every = cfg.checkpoint.save_every
+        if stopping or step == cfg.train.steps or (every and step % every == 0):
+            checkpointer.save(state)
+        if stopping:
+            return {"preempted": True}
     accuracy_after = accuracy()
     logger.scalars(cfg.train.steps, {"eval/accuracy": accuracy_after})
-    history.append({"step": cfg.train.steps, "accuracy": accuracy_after})
-    return {"accuracy_before": accuracy_before, "accuracy_after": accuracy_after,
-            "eval_curve": history}
+    history = state.history + [{"step": cfg.train.steps, "accuracy": accuracy_after}]
+    return {"preempted": False, "accuracy_before": state.accuracy_before,
+            "accuracy_after": accuracy_after, "eval_curve": history}
 
 
 GLOBAL_ALREADY = ("loss", "kl", "clip_ratio", "ratio", "entropy", "advantage", "grad_norm",

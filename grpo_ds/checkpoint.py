@@ -1,0 +1,373 @@
+"""Checkpoints a run can resume from exactly, and the `latest` pointer that only moves when one is whole.
+
+Layout, one directory per step (`checkpoint.dir`, default `<run_dir>/checkpoints`):
+    latest                      the name of the newest complete checkpoint ("step_000010")
+    step_000010/                DeepSpeed's own files: ZeRO-3 shards of weights and Adam moments,
+                                LR scheduler, engine counters (`engine.save_checkpoint`)
+    step_000010/grpo_rank_001.pt   per rank: RNG states (python, numpy, torch, accelerator), data
+                                   position (the source's state_dict, when it has one)
+    step_000010/grpo_state.json    the loop's state (`RunState`); written last, after every rank
+                                   finished its files, so its presence marks a complete checkpoint
+
+Save order: DeepSpeed files -> rank files -> barrier -> rank 0 fsyncs, writes grpo_state.json,
+then moves `latest` by an atomic rename (tmp file, fsync, os.replace) -> barrier. A kill at any
+point leaves `latest` on the previous complete checkpoint. DeepSpeed's own `latest` is not used
+(`save_latest=False`); ours has the same format, so DeepSpeed's tools (zero_to_fp32.py) follow it.
+
+Resume is a fresh process (ZeRO-3 cannot load into the engine that saved it). The built-in task's
+warm-up does not rerun: the state records the model the run started from (`run_dir/sft_model`),
+which also rebuilds the reference. With another number of ranks, the ZeRO-3 shards are first
+converted to DeepSpeed's universal checkpoint (`ds_to_universal`), which carries weights and Adam
+moments to any world size; RNG states then restart per rank (sampling seeds derive from the step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grpo_ds.failures import fault
+
+STATE_FILE = "grpo_state.json"
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be found, read or written. The message says what to do."""
+
+
+@dataclass
+class RunState:
+    """What a resumed run needs besides DeepSpeed's weights and optimizer (the same on all ranks)."""
+
+    step: int = 0  # GRPO steps completed
+    model_path: str = ""  # the model the run started from: reloaded as the frozen reference
+    world_size: int = 1  # ranks that wrote the checkpoint
+    accuracy_before: float | None = None  # held-out accuracy before GRPO
+    history: list = field(default_factory=list)  # [{step, accuracy}] held-out evaluations
+    warmup_curve: list | None = None  # the built-in task's warm-up curve, for the summary
+    nan_skipped_steps: int = 0  # steps skipped for a NaN/inf loss or gradient, in total
+    bad_steps_in_a_row: int = 0  # ... and in a row up to `step`
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.output.run_dir) / "checkpoints")
+
+
+def read_state(path: Path) -> RunState:
+    fields = {f.name for f in dataclasses.fields(RunState)}
+    raw = json.loads((path / STATE_FILE).read_text())
+    return RunState(**{k: v for k, v in raw.items() if k in fields})
+
+
+def latest_name(root: Path) -> str | None:
+    pointer = root / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A complete checkpoint from a step directory, a checkpoints directory or a run directory."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        for pointer_dir in (path, path / "checkpoints"):
+            if latest_name(pointer_dir):
+                path = pointer_dir / latest_name(pointer_dir)
+                break
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(
+            f"{path} is not a complete grpo-ds checkpoint (no {STATE_FILE}): an interrupted save "
+            "leaves one like this. Use the checkpoint that `latest` names, or a run directory.")
+    return path
+
+
+def find_resume(spec: str | None, root: Path) -> Path | None:
+    """The checkpoint `checkpoint.resume` asks for: auto | latest | PATH; None to start fresh."""
+    if spec is None or spec.lower() in ("", "none", "no", "false"):
+        return None
+    if spec.lower() in ("auto", "latest"):
+        if latest_name(root) is not None:
+            return find_checkpoint(root)
+        if spec.lower() == "latest":
+            raise CheckpointError(f"checkpoint.resume=latest: no checkpoint in {root} "
+                                  "(no `latest` file); use auto to start fresh when there is none")
+        return None
+    return find_checkpoint(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Move `latest` to `name` atomically: readers see the old name or the new one, never half."""
+    tmp = root / "latest.tmp"
+    write_durably(tmp, name.encode())
+    os.replace(tmp, root / "latest")
+    fsync_file(root)  # the rename itself is durable only once the directory is synced
+
+
+def step_dirs(root: Path) -> dict[int, Path]:
+    found = {}
+    if root.is_dir():
+        for child in root.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and child.is_dir():
+                found[int(match.group(1))] = child
+    return found
+
+
+def prune(root: Path, keep_last: int, current: int) -> None:
+    """Delete checkpoints older than `current` beyond the newest `keep_last` complete ones, and
+    leftovers of failed saves. Never anything newer than `current`, nor what `latest` names."""
+    dirs = step_dirs(root)
+    complete = sorted(s for s, p in dirs.items() if s <= current and (p / STATE_FILE).is_file())
+    keep = set(complete[-keep_last:] if keep_last else complete) | {current}
+    pointed = latest_name(root)
+    for step, path in dirs.items():
+        if step < current and step not in keep and path.name != pointed:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside_newer(root: Path, start: int, log) -> None:
+    """Rename checkpoints newer than the start step (an abandoned attempt, or an earlier run when
+    starting fresh) to `<name>.abandoned-<time>`, so saves never mix with them; fix `latest`."""
+    newer = {s: p for s, p in step_dirs(root).items() if s > start}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in newer.values():
+        target, n = path.with_name(f"{path.name}.abandoned-{stamp}"), 1
+        while target.exists():
+            target, n = path.with_name(f"{path.name}.abandoned-{stamp}-{n}"), n + 1
+        path.rename(target)
+    if newer:
+        log(f"checkpoints newer than step {start} renamed to *.abandoned-{stamp} in {root}")
+    if latest_name(root) in {p.name for p in newer.values()}:
+        if start and (root / step_name(start) / STATE_FILE).is_file():
+            point_latest(root, step_name(start))
+        else:
+            (root / "latest").unlink()
+
+
+def trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past the resumed step (logged after the checkpoint, then lost)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            if json.loads(line).get("step", 0) > step:
+                continue
+        except json.JSONDecodeError:
+            pass
+        kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-rank state
+
+
+def capture_rng() -> dict:
+    from deepspeed.accelerator import get_accelerator
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
+
+
+def restore_rng(state: dict) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_accelerator().set_rng_state(state["accelerator"])
+
+
+def universal_ds_config(ds_config: dict, state: RunState, world: int) -> dict:
+    """The policy's DeepSpeed config for resuming `state`: universal loading if the world changed."""
+    if state.world_size != world:
+        ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}),
+                                                 "load_universal": True}}
+    return ds_config
+
+
+def convert_to_universal(path: Path, log) -> Path:
+    """ZeRO-3 shards of `world_size` ranks -> DeepSpeed's universal checkpoint in `path/universal`
+    (any world size can load it). Runs on one process; the result is kept for the next resume."""
+    out = path / "universal"
+    if (out / "zero" / "optimizer_state.pt").is_file():
+        return out
+    from argparse import Namespace
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    log(f"converting {path} to a universal checkpoint (the number of ranks changed)")
+    shutil.rmtree(out, ignore_errors=True)
+    ds_to_universal(Namespace(input_folder=str(path), output_folder=str(out),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                              strict=True, inject_missing_state=False))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# save and load
+
+
+class Checkpointer:
+    """Saves and loads the policy engine plus the trainer's state; every rank calls every method."""
+
+    def __init__(self, engine, root: Path, keep_last: int, source, log):
+        import deepspeed.comm as dist
+
+        self.engine, self.root, self.keep_last, self.source, self.log = (
+            engine, Path(root), keep_last, source, log)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def latest(self) -> Path | None:
+        name = latest_name(self.root)
+        return self.root / name if name else None
+
+    def _rank_file(self, path: Path, rank: int) -> Path:
+        return path / f"grpo_rank_{rank:03d}.pt"
+
+    def save(self, state: RunState) -> Path:
+        import deepspeed.comm as dist
+
+        name = step_name(state.step)
+        path = self.root / name
+        if latest_name(self.root) == name:
+            return path  # already saved (resumed here and stopped before another step)
+        if self.rank == 0 and path.exists():
+            shutil.rmtree(path)  # a failed save's leftovers; DeepSpeed's first barrier orders this
+        started = time.time()
+        try:
+            self.engine.save_checkpoint(str(self.root), tag=name, save_latest=False)
+            rank_state = {"rng": capture_rng(), "source": self.source.state_dict()
+                          if hasattr(self.source, "state_dict") else None}
+            torch.save(rank_state, self._rank_file(path, self.rank))
+            fsync_file(self._rank_file(path, self.rank))
+            if fault("sleep_in_save", state.step, self.rank):
+                (self.root / f"sleeping_in_save_rank{self.rank}").touch()
+                time.sleep(600)
+            dist.barrier()  # every rank's files are written
+            if self.rank == 0:
+                self._commit(path, state)
+            dist.barrier()  # no rank leaves (and perhaps exits) before `latest` moved
+        except Exception as err:
+            raise CheckpointError(self._failed_message(path, err)) from err
+        self.log(f"checkpoint {path} saved in {time.time() - started:.1f}s")
+        return path
+
+    def _failed_message(self, path: Path, err: Exception) -> str:
+        previous = latest_name(self.root)
+        kept = (f"The previous checkpoint {self.root / previous} is intact and `latest` still "
+                "names it" if previous else "There is no earlier checkpoint")
+        try:  # torch.save reports a full disk as "unexpected pos ...": say what is free
+            free = f"{shutil.disk_usage(self.root).free / 2**20:.0f} MiB free on its disk"
+        except OSError:
+            free = "free space unknown"
+        return (f"saving checkpoint {path} failed ({free}): {err}\n{kept}. Fix the cause, then "
+                "rerun with --checkpoint.resume=auto.")
+
+    def _commit(self, path: Path, state: RunState) -> None:
+        """Rank 0, once every rank's files exist: make them durable, mark complete, move `latest`."""
+        for file in path.rglob("*"):
+            if file.is_file():
+                fsync_file(file)
+        if fault("disk_full", state.step, self.rank):
+            raise OSError(28, "No space left on device (GRPO_DS_FAULT=disk_full)")
+        write_durably(path / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=1).encode())
+        fsync_file(path)
+        point_latest(self.root, path.name)
+        prune(self.root, self.keep_last, state.step)
+
+    def load(self, path: Path, state: RunState) -> None:
+        """Weights, Adam moments, LR schedule, RNG and data position from `path` into this run."""
+        elastic = state.world_size != self.world
+        if elastic:
+            load_dir, tag = path, "universal"  # converted by `prepare_resume`
+        else:
+            load_dir, tag = path.parent, path.name
+        loaded, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint in {load_dir / tag}")
+        own = self._rank_file(path, self.rank)
+        rank_state = torch.load(own if own.is_file() and not elastic
+                                else self._rank_file(path, 0), weights_only=False)
+        if not elastic:
+            restore_rng(rank_state["rng"])
+        if rank_state["source"] is not None and hasattr(self.source, "load_state_dict"):
+            # The data position is rank-independent, so any rank's state serves another world size.
+            self.source.load_state_dict(rank_state["source"])
+        note = (f", moved from {state.world_size} to {self.world} ranks (weights and Adam moments "
+                "carried; RNG restarted)" if elastic else "")
+        self.log(f"resumed from {path} at step {state.step}{note}")
+        state.world_size = self.world
+
+
+def resume_point(cfg) -> tuple[Path | None, RunState | None]:
+    """Every rank: the checkpoint `checkpoint.resume` names and its state, or (None, None) to start
+    fresh. Rank 0 then tidies the run: newer checkpoints set aside, metrics.jsonl trimmed."""
+    import deepspeed.comm as dist
+
+    root, run_dir = checkpoint_root(cfg), Path(cfg.output.run_dir)
+    path = find_resume(cfg.checkpoint.resume, root)
+    state = read_state(path) if path else None
+    if state is not None and state.step > cfg.train.steps:
+        raise CheckpointError(f"{path} is at step {state.step}, past train.steps="
+                              f"{cfg.train.steps}: raise train.steps to train on")
+    if state is not None and not cfg.model.path and not Path(state.model_path).is_dir():
+        raise CheckpointError(f"{path} started from the model {state.model_path}, which is gone "
+                              "(it is also the KL reference): pass --model.path=DIR")
+    dist.barrier()  # every rank has read `latest` before rank 0 moves anything
+    if dist.get_rank() == 0:
+        (run_dir / "failure.txt").unlink(missing_ok=True)
+        set_aside_newer(root, state.step if state else 0, print)
+        if state is not None:
+            trim_metrics(run_dir, state.step)
+    dist.barrier()
+    return path, state
+
+
+def prepare_resume(path: Path, state: RunState, ds_config: dict, log) -> dict:
+    """Before the policy engine exists: convert for another world size if needed (rank 0, others
+    wait); returns the DeepSpeed config to build the policy with."""
+    import deepspeed.comm as dist
+
+    world = dist.get_world_size()
+    if state.world_size != world and dist.get_rank() == 0:
+        convert_to_universal(path, log)
+    dist.barrier()
+    return universal_ds_config(ds_config, state, world)
