@@ -176,3 +176,21 @@ def test_invalid_arguments():
         HybridRollout(model, PAD).generate(prompts(), 1, SamplingParams(4, stop_strings=("x",)), 0)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(4, top_p=0.0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_kv_equals_repeated_kv(attn):
+    # GQA (4 heads, 2 kv heads), left padding, EOS stops (compaction): reading the prompt KV
+    # once per prompt must give what the G-times repeated KV gives.
+    model = tiny_llama(vocab=16)
+    model.config._attn_implementation = attn
+    params = SamplingParams(max_new_tokens=16, stop_token_ids=(EOS,), temperature=0.9)
+    shared = HybridRollout(model, PAD).generate(prompts(16), 5, params, seed=8)
+    repeated = HybridRollout(model, PAD, share_prefix=False).generate(prompts(16), 5, params, 8)
+    assert model.config._attn_implementation == attn  # restored after generate
+    lengths = shared.completion_mask.sum(-1)
+    assert lengths.min() < 16  # some rows were compacted away
+    assert torch.equal(shared.completion_ids, repeated.completion_ids)
+    assert torch.allclose(shared.sampled_logprobs, repeated.sampled_logprobs, atol=1e-5)
+    ref = trainer_logprobs(model, shared, 0.9)
+    assert ((ref - shared.sampled_logprobs).abs() * shared.completion_mask).max() < 1e-4

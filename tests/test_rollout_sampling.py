@@ -5,8 +5,12 @@ import math
 import pytest
 import torch
 
-from grpo_ds.rollout.sampling import (inverse_cdf_sample, logprob_gap, sample_next_tokens,
-                                      truncation_mask)
+from grpo_ds.rollout.sampling import (
+    inverse_cdf_sample,
+    logprob_gap,
+    sample_next_tokens,
+    truncation_mask,
+)
 
 
 def chi_square_p_value(counts: torch.Tensor, expected: torch.Tensor) -> float:

@@ -8,8 +8,9 @@ Row layout: rows i*G .. i*G+G-1 hold the G samples of prompt i.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 

@@ -6,6 +6,10 @@ whole cache of every layer (measured here: about half of all decode time for a 2
 place and hands attention a view of the filled part. Compaction (`batch_select_indices`) and
 shared prefill (`batch_repeat_interleave`) copy only the filled part.
 
+`SharedPrefixLayer` goes one step further for G samples per prompt: instead of repeating the
+prompt's keys/values G times after prefill, it keeps them once per prompt (`prefix_keys
+[N, Hkv, Tp, D]`) and stores only each row's completion part; attention.py reads both.
+
 Only plain full-attention layers are replaced; sliding-window layers keep their own class.
 """
 
@@ -28,7 +32,7 @@ class PreallocatedLayer(DynamicLayer):
         self.is_initialized = True
 
     def _empty_like(self, states: torch.Tensor, rows: int) -> torch.Tensor:
-        batch, heads, _, dim = states.shape
+        _, heads, _, dim = states.shape
         return states.new_empty((rows, heads, self.capacity, dim))
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -66,9 +70,59 @@ class PreallocatedLayer(DynamicLayer):
         self._rebuild(lambda t: t.index_select(0, indices))
 
 
-def make_cache(config, capacity: int) -> DynamicCache:
-    """DynamicCache for `config` whose full-attention layers append in place (capacity tokens)."""
+class SharedPrefixLayer(PreallocatedLayer):
+    """Prefill as PreallocatedLayer; `batch_repeat_interleave(G)` then shares the prompt part.
+
+    After sharing, `keys`/`values` hold each live row's completion part only, and carry a
+    `shared_prefix` attribute (this layer: prefix_keys, prefix_values, rows, group_size) that
+    the attention function uses; `rows [B]` maps live rows to original rows i*G + g.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.prefix_len, self.shared = 0, False
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not self.is_initialized:
+            return
+        self.prefix_keys, self.prefix_values = self.keys.contiguous(), self.values.contiguous()
+        self.prefix_len, self.group_size, self.shared = self.length, repeats, True
+        rows = self.prefix_keys.shape[0] * repeats
+        self.rows = torch.arange(rows, device=self.prefix_keys.device)
+        self.capacity -= self.length
+        self.length = 0
+        self.key_buffer = self._empty_like(self.prefix_keys, rows)
+        self.value_buffer = self._empty_like(self.prefix_values, rows)
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
+        self.keys.shared_prefix = self
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        if self.shared:
+            keys.shared_prefix = self
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.prefix_len + self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.shared:
+            self.rows = self.rows.index_select(0, indices)
+            self._views()
+
+
+def make_cache(config, capacity: int, share_prefix: bool = False) -> DynamicCache:
+    """DynamicCache for `config` whose full-attention layers append in place (capacity tokens).
+
+    share_prefix: keep prompt keys/values once per prompt (needs attention.shared_prefix_attention).
+    """
+    layer_cls = SharedPrefixLayer if share_prefix else PreallocatedLayer
     cache = DynamicCache(config=config)
-    cache.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
+    cache.layers = [layer_cls(capacity) if type(layer) is DynamicLayer else layer
                     for layer in cache.layers]
     return cache

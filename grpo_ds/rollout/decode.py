@@ -21,8 +21,8 @@ Positions: prompts are left-padded, so a row's position is its count of real tok
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

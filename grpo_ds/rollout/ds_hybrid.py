@@ -14,12 +14,11 @@ deepspeed 0.19.8, hybrid_engine_rollout.py):
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from grpo_ds.rollout.backend import (RolloutOutput, SamplingParams, left_pad,
-                                     mask_through_first_stop)
+from grpo_ds.rollout.backend import RolloutOutput, SamplingParams, left_pad, mask_through_first_stop
 
 
 class DeepSpeedHybridBackend:

@@ -23,17 +23,23 @@ and later break autograd in training. no_grad is safe and nearly as fast here.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from grpo_ds.rollout.attention import shared_prefix_attention
 from grpo_ds.rollout.backend import RolloutOutput, SamplingParams, left_pad
 from grpo_ds.rollout.cache import make_cache
 from grpo_ds.rollout.decode import decode
 from grpo_ds.rollout.forward import FullForward, LayeredForward, check_layered_support
-from grpo_ds.rollout.gather import (eval_mode, full_gather, gathered_bytes, is_zero3_model,
-                                    suspend_zero3_hooks)
+from grpo_ds.rollout.gather import (
+    eval_mode,
+    full_gather,
+    gathered_bytes,
+    is_zero3_model,
+    suspend_zero3_hooks,
+)
 from grpo_ds.rollout.stops import StopChecker
 
 GATHER_MODES = ("auto", "full", "layers")
@@ -50,17 +56,20 @@ class HybridRollout:
     tokenizer: needed only for stop_strings.
     layers_per_group: force the layer-group size (default: from the budget, else 1).
     compact: drop finished rows from the batch (False only to test that it changes nothing).
+    share_prefix: keep each prompt's KV once for its G samples (attention.py); needs the model's
+        attention to be "sdpa" or "eager", silently off otherwise.
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, gather: str = "auto",
                  memory_budget_bytes: int | None = None, tokenizer=None,
                  layers_per_group: int | None = None, prefetch: bool = True,
-                 compact: bool = True):
+                 compact: bool = True, share_prefix: bool = True):
         if gather not in GATHER_MODES:
             raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
         self.model, self.pad_token_id, self.tokenizer = model, pad_token_id, tokenizer
         self.gather, self.budget = gather, memory_budget_bytes
         self.layers_per_group, self.prefetch, self.compact = layers_per_group, prefetch, compact
+        self.share_prefix = share_prefix
         if self.gather_mode() == "layers":
             check_layered_support(model)  # fail at construction, not at the first rollout
 
@@ -100,7 +109,13 @@ class HybridRollout:
         return self._output(ids, mask, group_size, result, seconds, mode, timings, extra)
 
     def _run(self, mode, ids, mask, group_size, params, uniforms, stops, timings):
-        cache = make_cache(self.model.config, capacity=ids.shape[1] + params.max_new_tokens)
+        with shared_prefix_attention(self.model, enabled=self.share_prefix) as shared:
+            cache = make_cache(self.model.config, ids.shape[1] + params.max_new_tokens, shared)
+            result, extra = self._decode(mode, cache, ids, mask, group_size, params, uniforms,
+                                         stops, timings)
+        return result, {**extra, "shared_prefix_kv": shared}
+
+    def _decode(self, mode, cache, ids, mask, group_size, params, uniforms, stops, timings):
         args = (cache, ids, mask, group_size, params, uniforms, stops, self.pad_token_id)
         if mode == "layers":
             forward = LayeredForward(self.model, timings, self.layers_per_group, self.budget,

@@ -21,8 +21,8 @@ generation and puts the very same hook dicts back afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from torch import nn

@@ -55,7 +55,7 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     never be chosen: their cdf equals their predecessor's, and searchsorted(right=True) returns
     the first index with cdf > target.
     """
-    cdf = torch.cumsum(probs.double(), dim=-1)
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # float64: exact-enough running sums
     total = cdf[:, -1]
     target = uniforms.double().to(cdf.device) * total
     # u * total can round up to total itself; keep the target strictly below it.
@@ -85,9 +85,9 @@ def sample_next_tokens(
     logprobs = torch.log_softmax(scaled, dim=-1)
     if top_k > 0 or top_p < 1.0:
         keep = truncation_mask(scaled, top_k, top_p)
-        probs = torch.exp(logprobs.double()).masked_fill(~keep, 0.0)
+        probs = torch.exp(logprobs).masked_fill(~keep, 0.0)
     else:
-        probs = torch.exp(logprobs.double())
+        probs = torch.exp(logprobs)
     tokens = inverse_cdf_sample(probs, uniforms)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 

@@ -9,7 +9,7 @@ The token that completes the string is kept (mask 1); no text is cut inside a to
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -1,0 +1,339 @@
+"""Benchmark: generation throughput of HybridRollout vs the usual ways to sample under ZeRO-3.
+
+    python -m grpo_ds.bench.generation [--json] [--quick]
+
+starts `deepspeed --num_gpus 2 --module grpo_ds.bench.generation --worker ...` (2 ranks) and
+prints a table (or, with --json, one JSON object on one line).
+
+Workload (full): 16 prompts x G = 8 (8 prompts per rank), prompts of 128 random tokens, up to
+128 new tokens, a Llama-style model of 24.1M parameters built from a config (vocab 8192, hidden
+512, 6 layers, MLP 1024, 8 heads; random init, seed 0), float32, ZeRO-3 with
+stage3_param_persistence_threshold 0 (every weight partitioned), 1 torch thread per rank.
+Sampling: temperature 1, top_p 1, top_k 0.
+
+Methods (same prompts, G and lengths):
+  a  ours: HybridRollout, full gather once per call (and "a/layers": layer groups, 2 per group)
+  b  HF generate on gathered weights: GatheredParameters once + num_return_sequences=G; it
+     prefills every prompt G times. DeepSpeed's forward hooks are suspended for it exactly as
+     for ours (TRL does the same): with the hooks on, the gathered weights are re-partitioned
+     after every submodule and every step all-gathers again.
+  c  HF generate on sharded weights, synced_gpus=True: every decode step all-gathers every layer
+  d  DeepSpeed HybridEngineRollout ("hybrid_engine" enabled). It injects CUDA inference kernels
+     for Llama, which fail on CPU ("not implemented on CPU backend"), so d runs on a Qwen2 config
+     of the same size, for which it falls back to HF generate on the ZeRO-3 engine (per-step
+     gathers, EOS ignored). Row "d/llama" tries Llama and reports the error text.
+c and d are slow; they decode `slow_new_tokens` (32 in the full workload) new tokens and we report
+their tokens/second. Their prefill is included; it is small next to 32 gathered decode steps
+(measured: a/c was 4.5x with c at 32 tokens and 4.3x with c at 128 tokens, in two runs).
+
+Scenarios:
+  no_eos   no stop token: every method generates exactly N*G*max_new_tokens tokens.
+  eos      random weights almost never emit EOS (p ~ 1/8192), so the EOS row of lm_head is scaled
+           by 100: EOS then ends completions at varied lengths (mean ~70 of 128, ~1/3 run to
+           the limit). Only tokens up to and including the first EOS count ("useful tokens");
+           HF generate keeps computing finished rows, ours drops them from the batch.
+Timing: wall time from a barrier before to a barrier after (the slowest rank), tokens summed over
+ranks; each method runs `--repeats` interleaved rounds (default 2) and the best round counts. The
+machine is shared with other jobs: absolute numbers move a lot between runs, ratios less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+EOS_ID, PAD_ID, EOS_SCALE = 1, 0, 100.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts_per_rank: int = 8
+    group_size: int = 8
+    prompt_len: int = 128
+    new_tokens: int = 128
+    slow_new_tokens: int = 32  # for c and d, to keep the bench short
+    vocab: int = 8192
+    hidden: int = 512
+    layers: int = 6
+    mlp: int = 1024
+    heads: int = 8
+
+
+QUICK = Workload(prompts_per_rank=2, group_size=4, prompt_len=16, new_tokens=8, slow_new_tokens=4,
+                 vocab=512, hidden=64, layers=2, mlp=128, heads=4)
+
+
+def build_model(w: Workload, arch: str = "llama"):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    dims = dict(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.mlp,
+                num_hidden_layers=w.layers, num_attention_heads=w.heads,
+                num_key_value_heads=w.heads, max_position_embeddings=2 * (w.prompt_len + w.new_tokens))
+    config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if arch == "llama"
+                             else (Qwen2Config, Qwen2ForCausalLM))
+    model = model_cls(config_cls(**dims)).float()
+    with torch.no_grad():
+        model.lm_head.weight[EOS_ID] *= EOS_SCALE  # make EOS a varied, realistic stop (docstring)
+    return model
+
+
+def make_engine(model, hybrid: bool = False):
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
+    }
+    if hybrid:
+        config["hybrid_engine"] = {"enabled": True, "max_out_tokens": 1024}
+    engine, *_ = deepspeed.initialize(model=model, config=config,
+                                      model_parameters=model.parameters())
+    return engine
+
+
+def rank_prompts(w: Workload, rank: int) -> list[list[int]]:
+    import torch
+
+    g = torch.Generator().manual_seed(1000 + rank)
+    return torch.randint(2, w.vocab, (w.prompts_per_rank, w.prompt_len), generator=g).tolist()
+
+
+def hf_generate(module, prompts, w: Workload, new_tokens: int, eos: bool, gathered: bool):
+    """HF generate with G return sequences; returns useful (through first EOS) token count."""
+    import deepspeed
+    import torch
+
+    from grpo_ds.rollout.backend import mask_through_first_stop
+    from grpo_ds.rollout.gather import eval_mode, suspend_zero3_hooks
+
+    ids = torch.tensor(prompts)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                  temperature=1.0, num_return_sequences=w.group_size, max_new_tokens=new_tokens,
+                  pad_token_id=PAD_ID, eos_token_id=EOS_ID if eos else None)
+    with torch.no_grad(), eval_mode(module):
+        if gathered:
+            with suspend_zero3_hooks(module), deepspeed.zero.GatheredParameters(
+                    list(module.parameters())):
+                out = module.generate(ids, synced_gpus=False, **kwargs)
+        else:
+            out = module.generate(ids, synced_gpus=True, **kwargs)
+    completion = out[:, ids.shape[1]:]
+    mask, _ = mask_through_first_stop(completion, (EOS_ID,) if eos else ())
+    return int(mask.sum())
+
+
+def timed(fn):
+    """(useful tokens summed over ranks, seconds of the slowest rank) for a collective call."""
+    import torch
+    from deepspeed import comm as dist
+
+    dist.barrier()
+    start = time.perf_counter()
+    tokens = fn()
+    seconds = time.perf_counter() - start
+    dist.barrier()
+    t = torch.tensor([float(tokens), seconds], dtype=torch.float64)
+    both = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(both, t)
+    return int(sum(x[0] for x in both)), max(float(x[1]) for x in both)
+
+
+def hybrid_backend(w: Workload, arch: str):
+    """DeepSpeed HybridEngineRollout on a fresh hybrid-engine ZeRO-3 engine, or the error text."""
+    from types import SimpleNamespace
+
+    from grpo_ds.rollout.ds_hybrid import DeepSpeedHybridBackend
+
+    try:
+        engine = make_engine(build_model(w, arch=arch), hybrid=True)
+        tok = SimpleNamespace(pad_token_id=PAD_ID, eos_token_id=None)  # only the ids are read
+        return DeepSpeedHybridBackend(engine, tok)
+    except Exception as exc:  # reported in the table instead of a number
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _tokens_of(backend, prompts, group_size, params, seed):
+    return lambda: backend.generate(prompts, group_size, params, seed=seed).metrics["tokens"]
+
+
+def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: int,
+                repeats: int) -> dict:
+    from grpo_ds.rollout import HybridRollout, SamplingParams
+
+    stop = (EOS_ID,) if eos else ()
+    params = SamplingParams(max_new_tokens=w.new_tokens, stop_token_ids=stop)
+    slow = SamplingParams(max_new_tokens=w.slow_new_tokens, stop_token_ids=stop)
+    ours = HybridRollout(engine.module, PAD_ID, gather="full")
+    layered = HybridRollout(engine.module, PAD_ID, gather="layers", layers_per_group=2)
+    methods = {
+        "a": lambda: ours.generate(prompts, w.group_size, params, seed=rank).metrics["tokens"],
+        "a/layers": lambda: layered.generate(prompts, w.group_size, params,
+                                             seed=rank).metrics["tokens"],
+        "b": lambda: hf_generate(engine.module, prompts, w, w.new_tokens, eos, gathered=True),
+    }
+    results = {}
+    if not eos:  # c and d only in the no-EOS scenario (d ignores EOS anyway)
+        methods["c"] = lambda: hf_generate(engine.module, prompts, w, w.slow_new_tokens, eos,
+                                           gathered=False)
+        for name, backend in hybrids.items():
+            if isinstance(backend, str):
+                results[name] = {"error": backend}
+            else:
+                methods[name] = _tokens_of(backend, prompts, w.group_size, slow, rank)
+    for round_ in range(repeats):  # interleaved rounds, best kept: load spikes hit one round
+        for name, fn in methods.items():
+            if "error" in results.get(name, {}):
+                continue
+            try:
+                tokens, seconds = timed(fn)
+            except Exception as exc:  # e.g. CUDA-only kernels on CPU: same error on every rank
+                results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+            rate = tokens / seconds
+            if rank == 0:
+                print(f"[bench] {'eos' if eos else 'no_eos'} round {round_ + 1} {name}: "
+                      f"{tokens} tokens in {seconds:.1f}s", flush=True)
+            if rate > results.get(name, {}).get("tokens_per_second", 0.0):
+                results[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": rate}
+    return results
+
+
+def worker(args) -> None:
+    import deepspeed
+    import torch
+    from deepspeed import comm as dist
+
+    from grpo_ds.rollout import HybridRollout, SamplingParams
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    w = QUICK if args.quick else Workload()
+    model = build_model(w)
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    engine = make_engine(model)
+    hybrids = {"d": hybrid_backend(w, "qwen2"), "d/llama": hybrid_backend(w, "llama")}
+    prompts = rank_prompts(w, rank)
+    HybridRollout(engine.module, PAD_ID).generate(prompts[:1], 1, SamplingParams(2), 0)  # warm-up
+    report = {"workload": asdict(w), "params_millions": round(params_m, 2), "ranks": 2,
+              "dtype": "float32", "repeats": args.repeats, "scenarios": {}}
+    for eos in (False, True):
+        results = run_methods(engine, hybrids, prompts, w, eos, rank, args.repeats)
+        report["scenarios"]["eos" if eos else "no_eos"] = results
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(report, f)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(quick: bool, timeout: float, repeats: int = 2) -> dict:
+    """Run the 2-rank worker under the deepspeed launcher and return rank 0's report.
+
+    Progress lines ("[bench] ...") are echoed to stderr as they come.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "report.json")
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
+               "--module", "grpo_ds.bench.generation", "--worker", "--out", out]
+        cmd += ["--quick"] if quick else []
+        cmd += ["--repeats", str(repeats)]
+        lines = []
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        # kill the launcher and its ranks (its own process group) if the run overstays
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
+        timer.start()
+        try:
+            for line in proc.stdout:
+                lines.append(line.rstrip())
+                if line.startswith("[bench]"):
+                    print(line.rstrip(), file=sys.stderr, flush=True)
+            code = proc.wait()
+        finally:
+            timer.cancel()
+        if code != 0 or not os.path.exists(out):
+            tail = "\n".join(lines[-40:])
+            raise RuntimeError(f"benchmark workers failed (exit {code}):\n{tail}")
+        with open(out) as f:
+            return json.load(f)
+
+
+def add_ratios(report: dict) -> dict:
+    """ours (a) tokens/s divided by b's and c's, per scenario (c only where it ran)."""
+    for results in report["scenarios"].values():
+        ours = results["a"]["tokens_per_second"]
+        for ref in ("b", "c"):
+            if "tokens_per_second" in results.get(ref, {}):
+                results["a"][f"x_vs_{ref}"] = ours / results[ref]["tokens_per_second"]
+    return report
+
+
+NAMES = {"a": "a  ours, HybridRollout (full gather)",
+         "a/layers": "a' ours, HybridRollout (layer groups of 2)",
+         "b": "b  HF generate, gathered weights",
+         "c": "c  HF generate, sharded, synced_gpus",
+         "d": "d  DeepSpeed HybridEngineRollout (Qwen2)",
+         "d/llama": "d' DeepSpeed HybridEngineRollout (Llama)"}
+
+
+def format_table(report: dict) -> str:
+    w = report["workload"]
+    title = (f"generation benchmark: {2 * w['prompts_per_rank']} prompts x G={w['group_size']}, "
+             f"prompt {w['prompt_len']} tokens, <= {w['new_tokens']} new tokens, "
+             f"{report['params_millions']}M-param model, {report['dtype']}, ZeRO-3, 2 ranks")
+    note = (f"(c and d decode {w['slow_new_tokens']} new tokens, their rate includes prefill; "
+            f"best of {report.get('repeats', 1)} interleaved rounds)")
+    header = f"{'method':45s} {'tokens':>8s} {'seconds':>8s} {'tok/s':>8s} {'a / this':>9s}"
+    lines = [title, note]
+    for scenario, results in report["scenarios"].items():
+        lines += ["", f"scenario {scenario}", header]
+        ours = results["a"]["tokens_per_second"]
+        for key in [k for k in NAMES if k in results]:
+            r = results[key]
+            if "error" in r:
+                lines.append(f"{NAMES[key]:45s} error: {r['error'][:300]}")
+                continue
+            ratio = ours / r["tokens_per_second"]
+            lines.append(f"{NAMES[key]:45s} {r['tokens']:8d} {r['seconds']:8.1f} "
+                         f"{r['tokens_per_second']:8.1f} {ratio:8.2f}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    parser.add_argument("--quick", action="store_true", help="tiny workload (for tests)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="interleaved rounds per method; the best round is reported")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    report = add_ratios(launch(args.quick, args.timeout, args.repeats))
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

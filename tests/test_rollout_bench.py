@@ -1,0 +1,28 @@
+"""The generation benchmark end to end on its --quick workload (2 ranks, ~30 s)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.multirank
+def test_generation_bench_quick_prints_one_json_line():
+    proc = subprocess.run([sys.executable, "-m", "grpo_ds.bench.generation", "--quick", "--json",
+                           "--timeout", "240"], check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    no_eos, eos = report["scenarios"]["no_eos"], report["scenarios"]["eos"]
+    w = report["workload"]
+    # without EOS every method decodes exactly prompts * G * new tokens (both ranks)
+    expected = 2 * w["prompts_per_rank"] * w["group_size"] * w["new_tokens"]
+    for name in ("a", "a/layers", "b"):
+        assert no_eos[name]["tokens"] == expected, name
+    assert no_eos["c"]["tokens"] == 2 * w["prompts_per_rank"] * w["group_size"] * w["slow_new_tokens"]
+    assert "tokens_per_second" in no_eos["d"] or "error" in no_eos["d"]
+    assert no_eos["a"]["x_vs_b"] > 0 and no_eos["a"]["x_vs_c"] > 0
+    # with EOS our two gather modes sample the same tokens (same seed), so count the same
+    assert eos["a"]["tokens"] == eos["a/layers"]["tokens"] <= expected
