@@ -211,14 +211,14 @@ def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: in
 
 
 def worker(args) -> None:
-    import deepspeed
     import torch
     from deepspeed import comm as dist
 
+    from grpo_ds.engine import init_distributed
     from grpo_ds.rollout import HybridRollout, SamplingParams
 
+    init_distributed()  # also unlinks DeepSpeed's /dev/shm buffer, which it would leak
     torch.set_num_threads(1)
-    deepspeed.init_distributed()
     rank = dist.get_rank()
     w = QUICK if args.quick else Workload()
     model = build_model(w)

@@ -21,6 +21,7 @@ import torch
 from deepspeed import comm as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from grpo_ds.engine import init_distributed
 from grpo_ds.rollout import HybridRollout, SamplingParams
 from grpo_ds.rollout.gather import gathered_bytes
 
@@ -119,7 +120,8 @@ def main():
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    deepspeed.init_distributed()
+    init_distributed()  # the project's: also frees DeepSpeed's /dev/shm buffer at exit
+    torch.set_num_threads(1)
     rank = dist.get_rank()
     engine, plain = build_engine()
     engine.train()
