@@ -19,7 +19,7 @@ from grpo_ds.config import Config, deepspeed_config, load_config, validate
 from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
 from grpo_ds.metrics import RunLogger
-from grpo_ds.model import save_hf_model
+from grpo_ds.model import DTYPES, save_hf_model
 from grpo_ds.rewards import load_reward_function
 from grpo_ds.trainer import run_grpo, summary_path
 from grpo_ds.warmup import warm_start
@@ -41,9 +41,32 @@ def make_source(cfg: Config, rank: int, world: int):
                               cfg.task.seed)
         return ArithmeticSource(task, cfg.train.prompts_per_step, rank, world,
                                 cfg.train.seed), build_tokenizer()
+    from transformers import AutoTokenizer
+
     from grpo_ds.data_source import DatasetSource
 
-    return DatasetSource.from_config(cfg, rank, world), None
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    return DatasetSource.from_config(cfg, rank, world, tokenizer), tokenizer
+
+
+def names_of_rewards(specs: list[str]) -> list[str]:
+    """Metric names: the function's name (a reward model's directory name), made unique."""
+    names = [Path(s.removeprefix("model:")).name if s.startswith("model:")
+             else s.rsplit(":", 1)[-1] for s in specs]
+    return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def load_rewards(cfg: Config, policy_ds: dict) -> list:
+    """Reward functions by spec; `model:PATH` is a frozen classifier placed like the reference."""
+    from grpo_ds.engine import reference_ds_config
+    from grpo_ds.rewards.model import PREFIX, RewardModel
+
+    placement = cfg.deepspeed.reference_placement
+    placement = "cpu_offload" if placement == "none" else placement
+    return [RewardModel(spec.removeprefix(PREFIX), reference_ds_config(policy_ds, placement),
+                        cfg.train.micro_batch_size, DTYPES[cfg.model.dtype])
+            if spec.startswith(PREFIX) else load_reward_function(spec)
+            for spec in cfg.rewards.functions]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +89,8 @@ def train(cfg: Config) -> int:
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     source, tokenizer = make_source(cfg, rank, world)
-    reward_names = [spec.rsplit(":", 1)[-1] for spec in cfg.rewards.functions]
-    reward_fns = [load_reward_function(spec) for spec in cfg.rewards.functions]
+    reward_names = names_of_rewards(cfg.rewards.functions)
+    reward_fns = load_rewards(cfg, deepspeed_config(cfg, plan))
 
     model_path, warmup_curve = cfg.model.path, None
     if state is not None:  # resuming: no warm-up; the start model is also the reference
