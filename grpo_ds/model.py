@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -30,16 +32,77 @@ class CausalLMWithLogprobs(nn.Module):
                 with_entropy=False):
         """input_ids [N, Tp+Tc] = left-padded prompt + completion; completion_ids [N, Tc].
 
-        Returns (logprobs [N, Tc] float32, entropy [N, Tc] or None).
+        Returns (logprobs [N, Tc] float32, entropy [N, Tc] or None); 0 on columns that are
+        padding in every row (they are trimmed off before the forward: no compute on them).
         """
+        completion_len = completion_ids.shape[1]
+        prompt_len = input_ids.shape[1] - completion_len
+        start, stop = real_columns(attention_mask, completion_len)
+        kept = self.same_on_all_ranks(stop - prompt_len, input_ids.device)  # completion columns
+        input_ids, attention_mask = input_ids[:, start:], attention_mask[:, start:]
+        targets = completion_ids
+        extra = kept - completion_len  # > 0 when another rank has longer completions
+        if extra > 0:
+            pad = (0, extra)
+            input_ids, attention_mask = F.pad(input_ids, pad), F.pad(attention_mask, pad)
+            targets = F.pad(targets, pad)
+        width = prompt_len - start + kept
+        input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False).last_hidden_state
-        completion_len = completion_ids.shape[1]
         # The token at position t is predicted by the hidden state at t - 1.
-        hidden = hidden[:, -completion_len - 1:-1]
-        return token_logprobs(hidden, self.lm.lm_head, completion_ids, temperature=temperature,
-                              chunk_size=self.chunk_size, with_entropy=with_entropy)
+        hidden = hidden[:, -kept - 1:-1]
+        # Recomputing the logits in backward saves memory only when there are several chunks:
+        # the one chunk's logits are back in memory for its backward either way.
+        several = hidden.shape[0] * kept > self.chunk_size
+        logprobs, entropy = token_logprobs(hidden, self.lm.lm_head, targets[:, :kept],
+                                           temperature=temperature, chunk_size=self.chunk_size,
+                                           with_entropy=with_entropy,
+                                           use_checkpoint=torch.is_grad_enabled() and several)
+        return to_width(logprobs, completion_len), (None if entropy is None
+                                                    else to_width(entropy, completion_len))
+
+    def same_on_all_ranks(self, kept: int, device) -> int:
+        """The widest `kept` over the ranks that partition this model under ZeRO-3, else `kept`.
+
+        ZeRO-3 gathers lm_head's weight at every call, and token_logprobs calls it once per
+        chunk of rows (twice with the backward recompute): every rank must make the same number
+        of calls or the gathers pair up wrongly and the ranks hang. Ranks run micro-batches of
+        the same size, so the same width gives the same chunk count. One all-reduce of one int.
+        """
+        weight = self.lm.lm_head.weight
+        group = getattr(weight, "ds_process_group", None)
+        if not hasattr(weight, "ds_id") or not dist.is_initialized():
+            return kept
+        if dist.get_world_size(group) == 1:
+            return kept
+        widest = torch.tensor([kept], dtype=torch.long, device=device)
+        dist.all_reduce(widest, op=dist.ReduceOp.MAX, group=group)
+        return int(widest.item())
+
+
+def to_width(values: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, k] -> [N, width]: cut, or pad with 0 on the right (callers index by column)."""
+    if values.shape[1] >= width:
+        return values[:, :width]
+    return F.pad(values, (0, width - values.shape[1]))
+
+
+def real_columns(attention_mask: torch.Tensor, completion_len: int) -> tuple[int, int]:
+    """Columns [start, stop) of [prompt | completion] that hold a real token in some row.
+
+    Prompts are left-padded and completions right-padded, so the all-padding columns of a batch
+    sit at its two ends; dropping them changes no real token's output (positions come from the
+    attention mask, and causal attention never looks right). The last prompt column (it predicts
+    the first completion token) and the first completion column are always kept.
+    """
+    prompt_len = attention_mask.shape[1] - completion_len
+    real = attention_mask.any(0).nonzero().squeeze(-1)
+    if real.numel() == 0:
+        return max(prompt_len - 1, 0), prompt_len + 1
+    return (min(int(real[0]), max(prompt_len - 1, 0)),
+            max(int(real[-1]) + 1, prompt_len + 1))
 
 
 def build_tiny_llama(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,

@@ -12,6 +12,7 @@ first optimizer step, so it is pi_old exactly and costs no extra forward.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -89,15 +90,43 @@ def generate_and_score(cfg: Config, rollout: HybridRollout, tokenizer, rows: lis
     return batch, rewards, (prompts, completions), metrics
 
 
+def length_sorted_micro_batches(batch: RolloutBatch, micro: int):
+    """(micro-batches, order): the batch sorted by real length (order [B*G], stable) and split.
+
+    The model trims each micro-batch to its longest sequence, so putting sequences of similar
+    length together leaves less padding to compute on. The loss divides by the step's global
+    counts, so the order of sequences changes neither the loss nor the gradient.
+    """
+    order = torch.argsort(batch.attention_mask.sum(1), stable=True)
+    ordered = take_rows(batch, order)
+    return [ordered.slice(start, start + micro) for start in range(0, len(batch), micro)], order
+
+
+def take_rows(batch: RolloutBatch, index: torch.Tensor) -> RolloutBatch:
+    """The batch's rows in `index` order (tensor fields and per-row list fields alike)."""
+    def pick(value):
+        if value is None or isinstance(value, torch.Tensor):
+            return value if value is None else value[index.to(value.device)]
+        return [value[i] for i in index.tolist()]
+
+    return dataclasses.replace(batch, **{f.name: pick(getattr(batch, f.name))
+                                         for f in dataclasses.fields(batch)})
+
+
+def unsort(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows computed in `order` back to the batch's own order."""
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
+
+
 @torch.no_grad()
 def forward_logprobs(engine, batch: RolloutBatch, micro: int, temperature: float) -> torch.Tensor:
     """Per-token log-probs [B*G, Tc] of the completions, micro-batched (reference or old policy)."""
-    chunks = []
-    for start in range(0, len(batch), micro):
-        part = batch.slice(start, start + micro)
-        logprobs, _ = engine(part.input_ids, part.attention_mask, part.completion_ids, temperature)
-        chunks.append(logprobs.float())
-    return torch.cat(chunks)
+    parts, order = length_sorted_micro_batches(batch, micro)
+    chunks = [engine(p.input_ids, p.attention_mask, p.completion_ids, temperature)[0].float()
+              for p in parts]
+    return unsort(torch.cat(chunks), order)
 
 
 def global_sum(value: float, device) -> float:
@@ -133,10 +162,10 @@ def micro_batch_loss(engine, part: RolloutBatch, cfg: Config, counts: tuple[floa
 def update(engine, batch: RolloutBatch, cfg: Config, plan: BatchPlan) -> dict:
     """mu optimizer steps over this rank's batch; gradients summed over micro-batches and ranks."""
     counts = step_counts(batch, engine.device)
+    parts, order = length_sorted_micro_batches(batch, plan.micro_batch_size)
     old_chunks, micro_metrics = [], []
     for iteration in range(cfg.grpo.num_iterations):
-        for index, start in enumerate(range(0, len(batch), plan.micro_batch_size)):
-            part = batch.slice(start, start + plan.micro_batch_size)
+        for index, part in enumerate(parts):
             old = old_chunks[index] if iteration > 0 else None
             loss, logprobs, metrics = micro_batch_loss(engine, part, cfg, counts, old)
             loss = nan_gradient_loss(loss, logprobs)  # a NaN/inf loss: ZeRO-3 skips the step
@@ -148,7 +177,7 @@ def update(engine, batch: RolloutBatch, cfg: Config, plan: BatchPlan) -> dict:
             engine.step()
             micro_metrics.append(metrics)
         if iteration == 0 and old_chunks:
-            batch.old_logprobs = torch.cat(old_chunks)
+            batch.old_logprobs = unsort(torch.cat(old_chunks), order)
     gathered = [None] * plan.world_size
     dist.all_gather_object(gathered, micro_metrics)
     merged = merge_loss_metrics([m for rank_metrics in gathered for m in rank_metrics])

@@ -1,0 +1,100 @@
+"""Model FLOPs of a GRPO step's phases, and the dense matmul peak they are divided by (MFU).
+
+Model FLOPs count the work the model needs, not what an implementation happens to run:
+recomputation (activation or log-prob chunk checkpointing) is not counted, and neither are
+element-wise ops (norms, softmax, rotary, the optimizer). For a decoder with L layers, width d,
+`body` = weights of the decoder matmuls (q, k, v, o, gate, up, down of every layer: no
+embedding, which is a lookup, no norms) and `head` = d x V of the lm_head:
+
+    forward of one sequence, T tokens of which Tc are scored (log-probs only on completions):
+        2 * body * T  +  2 * head * Tc  +  2 * L * T^2 * d
+    the last term is causal attention: Q K^T and A V each take T^2/2 * d multiply-adds.
+    forward + backward = 3 x forward (backward computes input and weight gradients: 2 x).
+
+    generation of G completions of Tc tokens from a prompt of Tp tokens (shared prefill):
+        prefill  2 * body * Tp + 2 * L * Tp^2 * d                      once per prompt
+        decode   per sample: Tc tokens through lm_head (2 * head each), Tc - 1 tokens fed
+                 back through the body (2 * body each), and attention over the context c
+                 (Q K^T and A V: 4 * c * d per layer) for c = Tp + 1 .. Tp + Tc - 1.
+
+Peak: a square matmul in the training dtype, timed on every rank at once with the rank's own
+thread count (2 ranks on 2 cores: one thread each). Several sizes are timed and the fastest
+is the peak, so an MFU is never flattered by a slow size choice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+PEAK_SIZES = (512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    mlp: int
+    vocab: int
+    heads: int
+    kv_heads: int
+
+    @property
+    def body(self) -> int:
+        """Decoder matmul weights: q, o (d x d), k, v (d x d_kv), gate, up, down (d x mlp)."""
+        d, kv = self.hidden, self.hidden * self.kv_heads // self.heads
+        return self.layers * (2 * d * d + 2 * d * kv + 3 * d * self.mlp)
+
+    @property
+    def head(self) -> int:
+        return self.hidden * self.vocab
+
+
+def forward_flops(shape: ModelShape, seq_len: int, scored: int) -> float:
+    """One sequence's forward: T = seq_len tokens through the body, `scored` through lm_head."""
+    return (2.0 * shape.body * seq_len + 2.0 * shape.head * scored
+            + 2.0 * shape.layers * seq_len ** 2 * shape.hidden)
+
+
+def train_flops(shape: ModelShape, seq_len: int, scored: int) -> float:
+    """Forward + backward of one sequence (backward = 2 x forward)."""
+    return 3.0 * forward_flops(shape, seq_len, scored)
+
+
+def generation_flops(shape: ModelShape, prompt_len: int, new_tokens: int, group: int) -> float:
+    """Shared prefill of one prompt, then `group` samples of `new_tokens` tokens each."""
+    d, L = shape.hidden, shape.layers
+    prefill = 2.0 * shape.body * prompt_len + 2.0 * L * prompt_len ** 2 * d
+    contexts = sum(range(prompt_len + 1, prompt_len + new_tokens))  # c for the Tc - 1 fed tokens
+    per_sample = (2.0 * shape.head * new_tokens + 2.0 * shape.body * (new_tokens - 1)
+                  + 4.0 * L * d * contexts)
+    return prefill + group * per_sample
+
+
+def matmul_rate(size: int, dtype: torch.dtype, seconds: float) -> float:
+    """FLOP/s of repeated [size, size] @ [size, size] in `dtype` on this process's threads."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
+    torch.mm(a, b, out=out)  # warm-up: first call picks and packs kernels
+    reps, start = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b, out=out)
+        reps += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * size ** 3 * reps / elapsed
+
+
+def matmul_peak(dtype: torch.dtype, seconds_per_size: float = 1.0,
+                sizes: tuple[int, ...] = PEAK_SIZES) -> dict:
+    """{"flops": best FLOP/s over sizes, "by_size": {size: FLOP/s}, "threads": n} for this rank.
+
+    Under several ranks every rank calls this at the same time (after a barrier), so the ranks
+    compete for caches and memory bandwidth as they do in training.
+    """
+    by_size = {size: matmul_rate(size, dtype, seconds_per_size) for size in sizes}
+    return {"flops": max(by_size.values()), "by_size": by_size,
+            "threads": torch.get_num_threads()}

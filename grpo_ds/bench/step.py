@@ -1,0 +1,385 @@
+"""Benchmark: one GRPO step, phase by phase: seconds, tokens/s, MFU and peak memory per rank.
+
+    grpo-ds bench step [--json] [--ranks N] [--quick] [--dtype float32|bfloat16]
+
+starts `deepspeed --num_gpus N --module grpo_ds.bench.step --worker ...` and prints a table (or,
+with --json, one JSON object on one line with `mfu_update` and `mfu_step` among its keys).
+
+Workload (fixed): a Llama-style model of 24.1M parameters built from a config (vocab 8192,
+hidden 512, 6 layers, MLP 1024, 8 heads; random init, seed 0), 8 prompts of 128 random tokens
+x G = 8 = 64 sequences of 256 tokens, each completion exactly 128 tokens (the tokenizer's EOS
+id is outside the model's vocabulary, so nothing stops early), ZeRO-3 from ds_configs/zero3.json,
+beta = 0.04 (the frozen reference runs, CPU-offloaded as in training), mu = 1, micro-batches of
+32 sequences, float32 (bfloat16 with --dtype; see the README for why fp32 stays the CPU default).
+
+It runs the trainer's own code, phase by phase, with a barrier around each phase (times are the
+slowest rank's): `generate_and_score` (split into generation and rewards), `forward_logprobs` on
+the reference, `score_advantages`, and `update` on the policy engine with its forward, backward
+and step timed. Old log-probs cost 0 s by design: with mu = 1 there are none, and with mu > 1
+they are the detached log-probs of the update's first pass (see trainer.py), not another forward.
+One untimed warm-up step comes first (ZeRO-3 records its parameter order, kernels get picked);
+the timed numbers are the mean over the following steps. FLOPs and the peak: see mfu.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+
+from grpo_ds.bench.common import Clock, gather_floats, launch_workers, say
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: int = 8  # all ranks together
+    group_size: int = 8
+    prompt_len: int = 128
+    new_tokens: int = 128
+    vocab: int = 8192
+    hidden: int = 512
+    layers: int = 6
+    mlp: int = 1024
+    heads: int = 8
+    micro_batch: int = 32  # sequences per forward/backward on a rank
+    steps: int = 2  # timed steps after the warm-up step
+
+
+QUICK = Workload(prompts=4, group_size=4, prompt_len=16, new_tokens=8, vocab=512, hidden=64,
+                 layers=2, mlp=128, heads=4, micro_batch=4, steps=1)
+
+
+def build_lm(w: Workload):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # No pad_token_id in the config: the reference is loaded inside zero.Init (see DESIGN.md).
+    config = LlamaConfig(vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.mlp,
+                         num_hidden_layers=w.layers, num_attention_heads=w.heads,
+                         num_key_value_heads=w.heads,
+                         max_position_embeddings=2 * (w.prompt_len + w.new_tokens),
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).float()
+
+
+def build_tokenizer(vocab: int):
+    """Word-level tokens t0 .. t{vocab-1}, pad = t0, and an EOS with id `vocab`: outside the
+    model's logits, so it is never sampled and every completion runs to max_new_tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab)}
+    words["<eos>"] = vocab
+    core = Tokenizer(models.WordLevel(vocab=words, unk_token="t1"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="t0", eos_token="<eos>",
+                                   padding_side="left")
+
+
+def even_share(prompts, completions, **_) -> list[float]:
+    """Share of a completion's tokens with an even id: cheap, and varied within a group."""
+    return [sum(int(word[1:]) % 2 == 0 for word in text.split()) / max(1, len(text.split()))
+            for text in completions]
+
+
+def overrides(w: Workload, args) -> list[str]:
+    return [f"--train.prompts_per_step={w.prompts}", f"--rollout.group_size={w.group_size}",
+            f"--rollout.max_new_tokens={w.new_tokens}", f"--train.micro_batch_size={w.micro_batch}",
+            "--grpo.beta=0.04", f"--grpo.num_iterations={args.mu}", f"--model.dtype={args.dtype}",
+            "--rollout.gather=full", "--deepspeed.config=ds_configs/zero3.json",
+            "--deepspeed.reference_placement=cpu_offload"]
+
+
+class TimedEngine:
+    """The policy engine with its forward, backward and step timed (the update's split)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.seconds = {"forward": 0.0, "backward": 0.0, "optimizer_step": 0.0}
+
+    def _timed(self, key, fn, *args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[key] += time.perf_counter() - start
+        return result
+
+    def __call__(self, *args, **kwargs):
+        return self._timed("forward", self._engine, *args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        return self._timed("backward", self._engine.backward, *args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        return self._timed("optimizer_step", self._engine.step, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+
+PHASES = ("generation", "rewards", "reference", "old_logprobs", "update")
+UPDATE_PARTS = ("forward", "backward", "optimizer_step")
+
+
+def run_step(ctx: dict, step: int) -> dict:
+    """One GRPO step through the trainer's functions; seconds per phase (slowest rank)."""
+    from grpo_ds.trainer import (forward_logprobs, generate_and_score, sample_seed,
+                                 score_advantages, update)
+
+    cfg, plan, rank = ctx["cfg"], ctx["plan"], ctx["rank"]
+    with Clock() as whole:
+        with Clock() as scored:
+            batch, rewards, _, metrics = generate_and_score(
+                cfg, ctx["rollout"], ctx["tokenizer"], ctx["rows"], [even_share], ["even_share"],
+                sample_seed(cfg.train.seed, step, rank))
+        generated = int(batch.completion_mask.sum())
+        assert generated == len(batch) * cfg.rollout.max_new_tokens, "the workload must be fixed"
+        batch = batch.slice(0, len(batch))
+        with Clock() as reference:
+            batch.ref_logprobs = forward_logprobs(ctx["reference"], batch, plan.micro_batch_size,
+                                                  cfg.rollout.temperature)
+        score_advantages(cfg, batch, rewards)
+        engine = TimedEngine(ctx["policy"])
+        with Clock() as updated, ctx.get("update_profiler") or contextlib.nullcontext():
+            update(engine, batch, cfg, plan)
+    cpu = [scored.cpu, reference.cpu, updated.cpu, whole.cpu]
+    local = [metrics["time/generation"], *(engine.seconds[k] for k in UPDATE_PARTS), *cpu]
+    ranks = gather_floats(local)
+    generation = max(r[0] for r in ranks)
+    seconds = {"generation": generation, "rewards": max(scored.seconds - generation, 0.0),
+               "reference": reference.seconds, "old_logprobs": 0.0, "update": updated.seconds,
+               "step": whole.seconds}
+    for i, key in enumerate(UPDATE_PARTS, start=1):
+        # ranks wait for each other inside the collectives: a part's max over ranks would
+        # count one rank's wait as another's work, so the split is the mean over ranks
+        seconds[f"update/{key}"] = sum(r[i] for r in ranks) / len(ranks)
+    for i, key in enumerate(("generate_and_score", "reference", "update", "step"), start=4):
+        seconds[f"cpu/{key}"] = sum(r[i] for r in ranks) / len(ranks)  # mean CPU s per rank
+    return seconds
+
+
+def setup(args, w: Workload) -> dict:
+    """Config, engines (policy, reference), rollout, and this rank's prompts."""
+    import torch
+    from deepspeed import comm as dist
+
+    from grpo_ds.config import deepspeed_config, load_config, validate
+    from grpo_ds.engine import build_policy, build_reference
+    from grpo_ds.rollout import HybridRollout
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config(None, overrides(w, args))
+    if args.chunk:
+        cfg.train.logprob_chunk_size = args.chunk
+    plan = validate(cfg, world)
+    ds = deepspeed_config(cfg, plan)
+    tokenizer = build_tokenizer(w.vocab)
+    lm = build_lm(w)
+    model_dir = args.out + ".model"  # the reference loads it as training does: from a directory
+    if rank == 0:
+        lm.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    dist.barrier()
+    policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, gradient_checkpointing=False)
+    reference = build_reference(model_dir, ds, cfg.deepspeed.reference_placement, cfg.model.dtype,
+                                cfg.train.logprob_chunk_size)
+    rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
+                            gather=cfg.rollout.gather, tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(1000 + rank)
+    ids = torch.randint(1, w.vocab, (plan.prompts_per_rank, w.prompt_len), generator=g).tolist()
+    rows = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
+    return {"cfg": cfg, "plan": plan, "rank": rank, "world": world, "policy": policy,
+            "reference": reference, "rollout": rollout, "tokenizer": tokenizer, "rows": rows}
+
+
+def measure_peak(dtype_name: str, seconds_per_size: float) -> list[dict]:
+    """Every rank's matmul peak, measured at the same time (one barrier before)."""
+    from deepspeed import comm as dist
+
+    from grpo_ds.bench.mfu import matmul_peak
+    from grpo_ds.model import DTYPES
+
+    dist.barrier()
+    mine = matmul_peak(DTYPES[dtype_name], seconds_per_size)
+    flops = gather_floats([mine["flops"], mine["threads"]])
+    return [{"flops": f, "threads": int(t)} for f, t in flops]
+
+
+def phase_flops(w: Workload, mu: int) -> dict:
+    """Model FLOPs of each phase, all ranks together (formulas in mfu.py)."""
+    from grpo_ds.bench.mfu import ModelShape, forward_flops, generation_flops, train_flops
+
+    shape = ModelShape(w.layers, w.hidden, w.mlp, w.vocab, w.heads, w.heads)
+    seqs, seq_len = w.prompts * w.group_size, w.prompt_len + w.new_tokens
+    update_fwd = seqs * forward_flops(shape, seq_len, w.new_tokens) * mu
+    return {"generation": w.prompts * generation_flops(shape, w.prompt_len, w.new_tokens,
+                                                       w.group_size),
+            "rewards": 0.0, "old_logprobs": 0.0,
+            "reference": seqs * forward_flops(shape, seq_len, w.new_tokens),
+            "update": seqs * train_flops(shape, seq_len, w.new_tokens) * mu,
+            "update/forward": update_fwd, "update/backward": 2 * update_fwd,
+            "update/optimizer_step": 0.0,
+            "body_params": shape.body, "head_params": shape.head}
+
+
+def phase_tokens(w: Workload, mu: int) -> dict:
+    """Tokens each phase processes, all ranks: generated, scored, or forwarded."""
+    seqs, seq_len = w.prompts * w.group_size, w.prompt_len + w.new_tokens
+    return {"generation": seqs * w.new_tokens, "rewards": seqs * w.new_tokens,
+            "reference": seqs * seq_len, "old_logprobs": 0, "update": seqs * seq_len * mu,
+            "update/forward": seqs * seq_len * mu, "update/backward": seqs * seq_len * mu,
+            "update/optimizer_step": seqs * seq_len * mu, "step": seqs * seq_len}
+
+
+def summarise(w: Workload, args, steps: list[dict], peaks: list[list[dict]], extra: dict) -> dict:
+    """Mean seconds per phase, tokens/s and MFU against the aggregate (all ranks) peak."""
+    per_rank_peak = [max(p[r]["flops"] for p in peaks) for r in range(len(peaks[0]))]
+    aggregate = sum(per_rank_peak)
+    flops, tokens = phase_flops(w, args.mu), phase_tokens(w, args.mu)
+    flops["step"] = sum(flops[p] for p in PHASES)
+    mean = {key: sum(s[key] for s in steps) / len(steps) for key in steps[0]}
+    phases = {}
+    for key in ROWS:
+        seconds = mean[key]
+        phases[key] = {"seconds": seconds, "tokens_per_second": tokens[key] / seconds
+                       if seconds else 0.0, "flops": flops[key],
+                       "mfu": flops[key] / (seconds * aggregate) if seconds else 0.0}
+    # Diagnostic, not the headline: the same FLOPs over each rank's CPU seconds (its threads'
+    # busy time) instead of wall time, i.e. the MFU the code reaches when nothing else competes
+    # for the cores. On a shared machine wall time also counts time other processes ran.
+    cpu = {k[4:]: v for k, v in mean.items() if k.startswith("cpu/")}
+    cpu_flops = {"generate_and_score": flops["generation"], "reference": flops["reference"],
+                 "update": flops["update"], "step": flops["step"]}
+    mfu_cpu = {k: cpu_flops[k] / (v * aggregate) for k, v in cpu.items() if v}
+    return {"workload": asdict(w), "ranks": len(per_rank_peak), "dtype": args.dtype, "mu": args.mu,
+            "params_millions": round(extra.pop("params") / 1e6, 2),
+            "body_params": flops["body_params"], "head_params": flops["head_params"],
+            "peak_flops_per_rank": per_rank_peak, "peak_flops_aggregate": aggregate,
+            "peak_measurements": peaks, "phases": phases,
+            "mfu_update": phases["update"]["mfu"], "mfu_step": phases["step"]["mfu"],
+            "step_seconds": phases["step"]["seconds"],
+            "cpu_seconds_per_rank": cpu, "mfu_cpu": mfu_cpu, **extra}
+
+
+def profile_step(ctx: dict, path: str) -> None:
+    """One more step with its update under torch.profiler; op tables to PATH.rankN."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU])
+    run_step({**ctx, "update_profiler": prof}, 10**6)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50,
+                                      max_name_column_width=60)
+    with open(f"{path}.rank{ctx['rank']}", "w") as f:
+        f.write(table)
+
+
+def worker(args) -> None:
+    import torch
+
+    from grpo_ds.engine import init_distributed
+    from grpo_ds.metrics import peak_memory_metrics
+
+    init_distributed()  # gives each rank cores / LOCAL_SIZE threads
+    threads_by_launcher = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    w = QUICK if args.quick else Workload()
+    w = replace(w, micro_batch=args.micro or w.micro_batch, steps=args.steps or w.steps)
+    ctx = setup(args, w)
+    rank = ctx["rank"]
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                 for p in ctx["policy"].module.parameters())
+    peak_seconds = 0.2 if args.quick else 1.0
+    peaks = [measure_peak(args.dtype, peak_seconds)]
+    say(rank, f"peak {[round(p['flops'] / 1e9, 1) for p in peaks[0]]} GFLOP/s per rank; warm-up")
+    run_step(ctx, 0)
+    steps = []
+    for step in range(1, w.steps + 1):
+        steps.append(run_step(ctx, step))
+        say(rank, f"step {step}: " + ", ".join(f"{k} {v:.2f}s" for k, v in steps[-1].items()))
+    if args.profile:
+        profile_step(ctx, args.profile)
+    peaks.append(measure_peak(args.dtype, peak_seconds))
+    memory = peak_memory_metrics(ctx["policy"].device)
+    extra = {"params": params, "threads_per_rank": torch.get_num_threads(),
+             "threads_set_by_init_distributed": threads_by_launcher,
+             "local_size_env": os.environ.get("LOCAL_SIZE"), "cpu_count": os.cpu_count(),
+             "logprob_chunk_size": ctx["cfg"].train.logprob_chunk_size,
+             "peak_memory_bytes_per_rank": [memory[f"memory/peak_bytes_rank{r}"]
+                                            for r in range(ctx["world"])],
+             "load_average": os.getloadavg()}
+    report = summarise(w, args, steps, peaks, extra)
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(report, f)
+
+
+ROWS = ("generation", "rewards", "reference", "old_logprobs", "update", "update/forward",
+        "update/backward", "update/optimizer_step", "step")
+
+
+def format_table(r: dict) -> str:
+    w = r["workload"]
+    seqs = w["prompts"] * w["group_size"]
+    lines = [f"GRPO step benchmark: {seqs} sequences ({w['prompts']} prompts x G={w['group_size']})"
+             f" of {w['prompt_len']}+{w['new_tokens']} tokens, {r['params_millions']}M-param "
+             f"Llama, {r['dtype']}, ZeRO-3, {r['ranks']} rank(s) x {r['threads_per_rank']} "
+             f"thread(s), mu={r['mu']}, micro-batch {w['micro_batch']}",
+             "peak (square matmul, all ranks at once): "
+             + " + ".join(f"{p / 1e9:.1f}" for p in r["peak_flops_per_rank"])
+             + f" = {r['peak_flops_aggregate'] / 1e9:.1f} GFLOP/s",
+             "", f"{'phase':24s} {'seconds':>8s} {'tokens/s':>10s} {'GFLOP':>9s} {'MFU':>6s}"]
+    for key in ROWS:
+        p = r["phases"][key]
+        mfu = f"{p['mfu']:6.2f}" if p["flops"] else f"{'-':>6s}"
+        note = "  (none: mu=1; mu>1 reuses the first pass)" if key == "old_logprobs" else ""
+        lines.append(f"{key:24s} {p['seconds']:8.2f} {p['tokens_per_second']:10.0f} "
+                     f"{p['flops'] / 1e9:9.1f} {mfu}{note}")
+    memory = ", ".join(f"{b / 2**30:.2f}" for b in r["peak_memory_bytes_per_rank"])
+    cpu = r["cpu_seconds_per_rank"]
+    lines += ["", f"peak memory per rank (GiB): {memory}",
+              f"mfu_update {r['mfu_update']:.3f}   mfu_step {r['mfu_step']:.3f}   "
+              f"load average {', '.join(f'{x:.2f}' for x in r['load_average'])}",
+              "CPU seconds per rank (busy time; MFU over it = MFU without competing processes): "
+              + ", ".join(f"{k} {v:.2f} s ({r['mfu_cpu'].get(k, 0):.2f})" for k, v in cpu.items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    parser.add_argument("--ranks", type=int, default=2, help="local ranks (default 2)")
+    parser.add_argument("--quick", action="store_true", help="tiny workload (for tests)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--mu", type=int, default=1, help="grpo.num_iterations (default 1)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per rank (default: cores / local ranks)")
+    parser.add_argument("--micro", type=int, default=0, help="micro-batch size (default 32)")
+    parser.add_argument("--chunk", type=int, default=0, help="log-prob chunk size (default: config)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps (default 2)")
+    parser.add_argument("--profile", default="",
+                        help="after the timed steps, profile one more; op tables to PROFILE.rankN")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before giving up")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    passed = [f"--{k}={v}" for k, v in (("dtype", args.dtype), ("mu", args.mu),
+                                        ("threads", args.threads), ("micro", args.micro),
+                                        ("chunk", args.chunk), ("steps", args.steps),
+                                        ("profile", args.profile))]
+    report = launch_workers("grpo_ds.bench.step", args.ranks,
+                            passed + (["--quick"] if args.quick else []), args.timeout)
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
