@@ -1,12 +1,14 @@
 """No compute on padding: the policy module trims all-padding columns and gives the same log-probs
 and gradients; micro-batches are bucketed by length and their results come back in batch order."""
 
+import pytest
 import torch
 
 from grpo_ds.batch import RolloutBatch, left_pad, right_pad
 from grpo_ds.logprobs import logits_to_token_logprobs
 from grpo_ds.model import CausalLMWithLogprobs, build_tiny_llama, real_columns
 from grpo_ds.trainer import length_sorted_micro_batches, take_rows, unsort
+from tests.multirank import launch
 
 VOCAB = 17
 
@@ -88,3 +90,14 @@ def test_length_buckets_sort_and_unsort():
     computed = torch.cat([p.advantages * 10 for p in parts])  # a per-row result, sorted order
     assert unsort(computed, order).tolist() == [0.0, 10.0, 20.0, 30.0, 40.0]
     assert take_rows(batch, order).attention_mask.sum(1).tolist() == [2, 2, 3, 4, 5]
+
+
+@pytest.mark.multirank
+def test_update_keeps_batch_order_under_zero3(tmp_path):
+    out = tmp_path / "order.pt"
+    launch("update_order.py", str(out), ranks=2)
+    for rank in torch.load(out):
+        before, old = rank["values"]
+        assert before.numel() > 0 and torch.isfinite(torch.tensor(rank["loss"]))
+        # the first pass's log-probs, unsorted back, equal a plain forward in batch order
+        torch.testing.assert_close(old, before, rtol=1e-5, atol=1e-5)
