@@ -24,5 +24,6 @@ def test_generation_bench_quick_prints_one_json_line():
     assert no_eos["c"]["tokens"] == 2 * w["prompts_per_rank"] * w["group_size"] * w["slow_new_tokens"]
     assert "tokens_per_second" in no_eos["d"] or "error" in no_eos["d"]
     assert no_eos["a"]["x_vs_b"] > 0 and no_eos["a"]["x_vs_c"] > 0
+    assert no_eos["a"]["x_vs_b_cpu"] > 0 and no_eos["a"]["cpu_seconds"] > 0
     # with EOS our two gather modes sample the same tokens (same seed), so count the same
     assert eos["a"]["tokens"] == eos["a/layers"]["tokens"] <= expected

@@ -33,8 +33,11 @@ Scenarios:
            the limit). Only tokens up to and including the first EOS count ("useful tokens");
            HF generate keeps computing finished rows, ours drops them from the batch.
 Timing: wall time from a barrier before to a barrier after (the slowest rank), tokens summed over
-ranks; each method runs `--repeats` interleaved rounds (default 2) and the best round counts. The
-machine is shared with other jobs: absolute numbers move a lot between runs, ratios less.
+ranks; each method runs `--repeats` interleaved rounds (default 2) and the best round counts.
+The table also shows CPU seconds (the slowest rank's process CPU time) and the ratios computed
+from them: on a machine shared with other jobs, wall time swings with their load (we saw the same
+call take 25 s and 41 s), CPU time much less. CPU time does not count time spent blocked waiting
+for the other rank, which is small here (both ranks do the same work).
 """
 
 from __future__ import annotations
@@ -134,20 +137,27 @@ def hf_generate(module, prompts, w: Workload, new_tokens: int, eos: bool, gather
     return int(mask.sum())
 
 
-def timed(fn):
-    """(useful tokens summed over ranks, seconds of the slowest rank) for a collective call."""
+def timed(fn) -> dict:
+    """Run a collective call; tokens summed over ranks, wall and CPU seconds of the slowest rank.
+
+    CPU seconds (this process, all its threads) count the work a rank did, not the time other
+    jobs on a shared machine held the cores: a load-robust second view of the same run.
+    """
     import torch
     from deepspeed import comm as dist
 
     dist.barrier()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokens = fn()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     dist.barrier()
-    t = torch.tensor([float(tokens), seconds], dtype=torch.float64)
-    both = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(both, t)
-    return int(sum(x[0] for x in both)), max(float(x[1]) for x in both)
+    t = torch.tensor([float(tokens), seconds, cpu], dtype=torch.float64)
+    every = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, t)
+    tokens = int(sum(x[0] for x in every))
+    seconds, cpu = max(float(x[1]) for x in every), max(float(x[2]) for x in every)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
+            "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu}
 
 
 def hybrid_backend(w: Workload, arch: str):
@@ -197,16 +207,16 @@ def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: in
             if "error" in results.get(name, {}):
                 continue
             try:
-                tokens, seconds = timed(fn)
+                r = timed(fn)
             except Exception as exc:  # e.g. CUDA-only kernels on CPU: same error on every rank
                 results[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
-            rate = tokens / seconds
             if rank == 0:
                 print(f"[bench] {'eos' if eos else 'no_eos'} round {round_ + 1} {name}: "
-                      f"{tokens} tokens in {seconds:.1f}s", flush=True)
-            if rate > results.get(name, {}).get("tokens_per_second", 0.0):
-                results[name] = {"tokens": tokens, "seconds": seconds, "tokens_per_second": rate}
+                      f"{r['tokens']} tokens in {r['seconds']:.1f}s ({r['cpu_seconds']:.1f} "
+                      f"cpu-s)", flush=True)
+            if r["tokens_per_second"] > results.get(name, {}).get("tokens_per_second", 0.0):
+                results[name] = r
     return results
 
 
@@ -276,12 +286,15 @@ def launch(quick: bool, timeout: float, repeats: int = 2) -> dict:
 
 
 def add_ratios(report: dict) -> dict:
-    """ours (a) tokens/s divided by b's and c's, per scenario (c only where it ran)."""
+    """ours (a) tokens/s divided by b's and c's (wall and CPU time), per scenario."""
     for results in report["scenarios"].values():
-        ours = results["a"]["tokens_per_second"]
+        ours = results["a"]
         for ref in ("b", "c"):
             if "tokens_per_second" in results.get(ref, {}):
-                results["a"][f"x_vs_{ref}"] = ours / results[ref]["tokens_per_second"]
+                other = results[ref]
+                ours[f"x_vs_{ref}"] = ours["tokens_per_second"] / other["tokens_per_second"]
+                ours[f"x_vs_{ref}_cpu"] = (ours["tokens_per_cpu_second"]
+                                           / other["tokens_per_cpu_second"])
     return report
 
 
@@ -300,19 +313,22 @@ def format_table(report: dict) -> str:
              f"{report['params_millions']}M-param model, {report['dtype']}, ZeRO-3, 2 ranks")
     note = (f"(c and d decode {w['slow_new_tokens']} new tokens, their rate includes prefill; "
             f"best of {report.get('repeats', 1)} interleaved rounds)")
-    header = f"{'method':45s} {'tokens':>8s} {'seconds':>8s} {'tok/s':>8s} {'a / this':>9s}"
+    header = (f"{'method':45s} {'tokens':>7s} {'seconds':>8s} {'tok/s':>7s} {'a/this':>7s} "
+              f"{'cpu-s':>7s} {'a/this cpu':>10s}")
     lines = [title, note]
     for scenario, results in report["scenarios"].items():
         lines += ["", f"scenario {scenario}", header]
-        ours = results["a"]["tokens_per_second"]
+        ours = results["a"]
         for key in [k for k in NAMES if k in results]:
             r = results[key]
             if "error" in r:
                 lines.append(f"{NAMES[key]:45s} error: {r['error'][:300]}")
                 continue
-            ratio = ours / r["tokens_per_second"]
-            lines.append(f"{NAMES[key]:45s} {r['tokens']:8d} {r['seconds']:8.1f} "
-                         f"{r['tokens_per_second']:8.1f} {ratio:8.2f}x")
+            ratio = ours["tokens_per_second"] / r["tokens_per_second"]
+            cpu_ratio = ours["tokens_per_cpu_second"] / r["tokens_per_cpu_second"]
+            lines.append(f"{NAMES[key]:45s} {r['tokens']:7d} {r['seconds']:8.1f} "
+                         f"{r['tokens_per_second']:7.1f} {ratio:6.2f}x {r['cpu_seconds']:7.1f} "
+                         f"{cpu_ratio:9.2f}x")
     return "\n".join(lines)
 
 
