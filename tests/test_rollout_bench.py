@@ -21,8 +21,11 @@ def test_generation_bench_quick_prints_one_json_line():
     expected = 2 * w["prompts_per_rank"] * w["group_size"] * w["new_tokens"]
     for name in ("a", "a/layers", "b"):
         assert no_eos[name]["tokens"] == expected, name
-    assert no_eos["c"]["tokens"] == 2 * w["prompts_per_rank"] * w["group_size"] * w["slow_new_tokens"]
-    assert "tokens_per_second" in no_eos["d"] or "error" in no_eos["d"]
+    slow = 2 * w["prompts_per_rank"] * w["group_size"] * w["slow_new_tokens"]
+    assert no_eos["c"]["tokens"] == slow
+    # DeepSpeed's rollout through our adapter: runs on Qwen2 (HF fallback), fails on Llama (CUDA)
+    assert no_eos["d"]["tokens"] == slow
+    assert "not been implemented on CPU" in no_eos["d/llama"]["error"]
     assert no_eos["a"]["x_vs_b"] > 0 and no_eos["a"]["x_vs_c"] > 0
     assert no_eos["a"]["x_vs_b_cpu"] > 0 and no_eos["a"]["cpu_seconds"] > 0
     # with EOS our two gather modes sample the same tokens (same seed), so count the same

@@ -6,12 +6,15 @@
                            stop_token_ids=(tok.eos_token_id,)), seed=seed)
 
 Files: backend.py (contract), sampling.py (pure sampling math), gather.py (mode switch, ZeRO-3
-gathers), forward.py (full / layer-group forwards), decode.py (the loop), engine.py
-(HybridRollout), ds_hybrid.py (adapter for DeepSpeed's HybridEngineRollout).
+gathers), forward.py (full / layer-group forwards), cache.py and attention.py (in-place KV cache,
+prompt KV shared by the G samples), decode.py (the loop), stops.py, engine.py (HybridRollout),
+ds_hybrid.py (adapter for DeepSpeed's HybridEngineRollout).
 """
 
 from grpo_ds.rollout.backend import RolloutBackend, RolloutOutput, SamplingParams
+from grpo_ds.rollout.ds_hybrid import DeepSpeedHybridBackend
 from grpo_ds.rollout.engine import HybridRollout
 from grpo_ds.rollout.sampling import logprob_gap
 
-__all__ = ["HybridRollout", "RolloutBackend", "RolloutOutput", "SamplingParams", "logprob_gap"]
+__all__ = ["DeepSpeedHybridBackend", "HybridRollout", "RolloutBackend", "RolloutOutput",
+           "SamplingParams", "logprob_gap"]
