@@ -25,7 +25,10 @@ def test_generation_bench_quick_prints_one_json_line():
     assert no_eos["c"]["tokens"] == slow
     # DeepSpeed's rollout through our adapter: runs on Qwen2 (HF fallback), fails on Llama (CUDA)
     assert no_eos["d"]["tokens"] == slow
-    assert "not been implemented on CPU" in no_eos["d/llama"]["error"]
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        assert "not been implemented on CPU" in no_eos["d/llama"]["error"]
     assert no_eos["a"]["x_vs_b"] > 0 and no_eos["a"]["x_vs_c"] > 0
     assert no_eos["a"]["x_vs_b_cpu"] > 0 and no_eos["a"]["cpu_seconds"] > 0
     # with EOS our two gather modes sample the same tokens (same seed), so count the same
