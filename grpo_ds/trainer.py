@@ -13,13 +13,19 @@ first optimizer step, so it is pi_old exactly and costs no extra forward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
 import deepspeed.comm as dist
 import torch
 
-from grpo_ds.advantages import combine_rewards, group_advantages, tied_group_mask
+from grpo_ds.advantages import (
+    combine_rewards,
+    group_advantages,
+    process_advantages,
+    tied_group_mask,
+)
 from grpo_ds.batch import RolloutBatch, join
 from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import BatchPlan, Config
@@ -33,8 +39,14 @@ from grpo_ds.failures import (
 )
 from grpo_ds.loss import grpo_loss, merge_loss_metrics
 from grpo_ds.metrics import peak_memory_metrics
-from grpo_ds.rewards import compute_rewards
+from grpo_ds.rewards import compute_rewards, load_reward_function
 from grpo_ds.rollout import HybridRollout, SamplingParams, logprob_gap
+
+
+@functools.lru_cache
+def process_reward_fn(spec: str):
+    """The process-supervision function: per completion, a list of (step_end_token, reward)."""
+    return load_reward_function(spec)
 
 
 def sampling_params(cfg: Config, tokenizer, greedy: bool = False) -> SamplingParams:
@@ -52,6 +64,14 @@ def sample_seed(base: int, step: int, rank: int) -> int:
     return (base * 1_000_003 + step * 1_009 + rank) % (2**63)
 
 
+PROMPT_KEYS = ("prompt", "prompt_ids")
+
+
+def prompt_token_ids(tokenizer, row: dict) -> list[int]:
+    """A dataset row arrives tokenised (and truncated); a built-in task row is tokenised here."""
+    return row["prompt_ids"] if "prompt_ids" in row else tokenizer(row["prompt"])["input_ids"]
+
+
 def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
     return [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
             for row, m in zip(ids.cpu(), mask.cpu())]
@@ -61,12 +81,12 @@ def generate_and_score(cfg: Config, rollout: HybridRollout, tokenizer, rows: lis
                        reward_fns, reward_names, seed: int):
     """Sample G completions per prompt and score them. Returns (batch, texts, metrics)."""
     G = cfg.rollout.group_size
-    prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
+    prompt_ids = [prompt_token_ids(tokenizer, r) for r in rows]
     out = rollout.generate(prompt_ids, group_size=G, params=sampling_params(cfg, tokenizer),
                            seed=seed)
     completions = decode(tokenizer, out.completion_ids, out.completion_mask)
     prompts = [r["prompt"] for r in rows for _ in range(G)]
-    columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+    columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in PROMPT_KEYS}
     columns["completion_ids"] = [ids[m.bool()].tolist() for ids, m in
                                  zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
     per_func, reward_stats = compute_rewards(reward_fns, reward_names, prompts, completions,
@@ -80,6 +100,9 @@ def generate_and_score(cfg: Config, rollout: HybridRollout, tokenizer, rows: lis
                          completion_mask=out.completion_mask.float(),
                          advantages=torch.zeros(len(prompts)),
                          sampled_logprobs=out.sampled_logprobs)
+    if cfg.grpo.process_reward:
+        batch.process_steps = process_reward_fn(cfg.grpo.process_reward)(
+            prompts, completions, **columns)
     lengths = out.completion_mask.sum(1).float()
     metrics = {**reward_stats, **combine_stats,
                "completions/mean_length": lengths.mean().item(),
@@ -196,8 +219,15 @@ def score_advantages(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor) ->
         rewards = rewards - kl_reward_penalty(batch.sampled_logprobs, batch.ref_logprobs,
                                               batch.completion_mask, g.beta, g.kl_estimator)
     advantages, metrics = group_advantages(rewards, cfg.rollout.group_size,
-                                           scale=g.scale_rewards)
+                                           scale=g.scale_rewards, std=g.std)
     batch.advantages = advantages
+    if batch.process_steps is not None:
+        steps = batch.process_steps
+        advantages, process_metrics = process_advantages(
+            [[r for _, r in s] for s in steps], [[e for e, _ in s] for s in steps],
+            cfg.rollout.group_size, batch.completion_ids.shape[1], std=g.std)
+        batch.advantages = advantages * batch.completion_mask
+        metrics.update({f"process/{k}": v for k, v in process_metrics.items()})
     if g.filter_tied_groups:
         keep, filter_metrics = tied_group_mask(rewards, cfg.rollout.group_size)
         batch.completion_mask = batch.completion_mask * keep[:, None].float()
@@ -206,19 +236,27 @@ def score_advantages(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor) ->
 
 
 def evaluate(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], reward_fn,
-             device) -> float:
-    """Held-out greedy accuracy: the share of prompts whose greedy answer scores 1.0, all ranks."""
+             device, chunk: int = 256) -> float:
+    """Held-out greedy accuracy: the share of prompts whose greedy answer scores 1.0, all ranks.
+
+    Generation is collective under ZeRO-3 (it gathers the weights), so every rank runs the same
+    number of chunks; a rank out of rows decodes one throw-away prompt to keep in step.
+    """
     correct = 0.0
-    for start in range(0, len(rows), 256):
-        part = rows[start:start + 256]
-        prompt_ids = [tokenizer(r["prompt"])["input_ids"] for r in part]
+    rounds = int(_global_max(-(-len(rows) // chunk), device))
+    for start in range(0, rounds * chunk, chunk):
+        part = rows[start:start + chunk]
+        prompt_ids = [prompt_token_ids(tokenizer, r) for r in part] or [[tokenizer.eos_token_id]]
         out = rollout.generate(prompt_ids, group_size=1,
                                params=sampling_params(cfg, tokenizer, greedy=True), seed=0)
+        if not part:
+            continue
         completions = decode(tokenizer, out.completion_ids, out.completion_mask)
-        columns = {k: [r[k] for r in part] for k in part[0] if k != "prompt"}
+        columns = {k: [r[k] for r in part] for k in part[0] if k not in PROMPT_KEYS}
         scores = reward_fn([r["prompt"] for r in part], completions, **columns)
         correct += sum(1.0 for s in scores if s is not None and s >= 1.0)
-    return global_sum(correct, device) / global_sum(len(rows), device)
+    total = global_sum(len(rows), device)
+    return global_sum(correct, device) / total if total else float("nan")
 
 
 def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source, reward_fns,
@@ -300,27 +338,28 @@ GLOBAL_ALREADY = ("loss", "kl", "clip_ratio", "ratio", "entropy", "advantage", "
 
 
 def reduce_rollout_metrics(metrics: dict, rewards: torch.Tensor, device) -> dict:
-    """Turn this rank's rollout statistics into global ones: one all-reduce for the means, one for
-    the maxima (min = -max(-x)); reward and its std exactly over all valid rewards."""
+    """Turn this rank's rollout statistics into global ones: one all-reduce for the means (counts
+    such as errors are summed), one for the maxima (min = -max(-x)); the reward mean exactly over
+    all valid rewards. `reward_std` stays TRL's: the mean of the groups' stds (every rank holds
+    the same number of groups, so the mean over ranks is the mean over groups)."""
     world = dist.get_world_size()
     local = {k: v for k, v in metrics.items() if not k.startswith(GLOBAL_ALREADY)}
     extremes = [k for k in local if k.endswith(("max_length", "min_length"))]
     means = [k for k in local if k not in extremes]
     valid = rewards[~rewards.isnan()].double()
-    sums = torch.tensor([local[k] for k in means] + [valid.numel(), valid.sum().item(),
-                        (valid ** 2).sum().item()], dtype=torch.float64, device=device)
+    sums = torch.tensor([local[k] for k in means] + [valid.numel(), valid.sum().item()],
+                        dtype=torch.float64, device=device)
     dist.all_reduce(sums)
     signed = torch.tensor([local[k] if k.endswith("max_length") else -local[k] for k in extremes],
                           dtype=torch.float64, device=device)
     dist.all_reduce(signed, op=dist.ReduceOp.MAX)
     out = {k: v for k, v in metrics.items() if k not in local}
-    out.update({k: sums[i].item() / world for i, k in enumerate(means)})
+    out.update({k: sums[i].item() / (1 if k.endswith("/errors") else world)
+                for i, k in enumerate(means)})
     out.update({k: signed[i].item() * (1 if k.endswith("max_length") else -1)
                 for i, k in enumerate(extremes)})
-    n, total, squares = sums[-3].item(), sums[-2].item(), sums[-1].item()
+    n, total = sums[-2].item(), sums[-1].item()
     out["reward"] = total / max(n, 1)
-    out["reward_std"] = max(squares - total * total / max(n, 1), 0.0) / max(n - 1, 1)
-    out["reward_std"] **= 0.5
     return out
 
 
