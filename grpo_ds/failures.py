@@ -29,6 +29,7 @@ rank is given) makes the named fault happen; see `fault()`. Unset, it does nothi
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import signal
@@ -118,27 +119,40 @@ def check_bad_steps(state, max_bad: int, last_checkpoint) -> None:
 # a rank that fails
 
 
-def first_to_fail() -> bool:
+def first_to_fail(rank: int) -> bool:
     """True for the first rank of the job to call this (a counter in the rendezvous store)."""
     try:
         from torch.distributed.distributed_c10d import _get_default_store
 
-        return _get_default_store().add("grpo_ds/failed_ranks", 1) == 1
-    except Exception as err:  # noqa: BLE001 (the store lives in rank 0: gone if it failed)
-        return not lost_peer(err)
+        store = _get_default_store()
+    except (ImportError, RuntimeError, ValueError):  # no process group yet: nobody to ask
+        return True
+    try:
+        return without_stderr(lambda: store.add("grpo_ds/failed_ranks", 1)) == 1
+    except Exception:  # noqa: BLE001
+        # The store lives in rank 0's process; it is gone only once rank 0 has exited, and
+        # rank 0 exits early only after failing (and claiming) first.
+        return rank == 0
 
 
-def lost_peer(err: BaseException) -> bool:
-    """Whether `err` looks like the consequence of another rank dying mid-collective."""
-    text = str(err).lower()
-    return any(s in text for s in ("connection closed by peer", "connection reset by peer",
-                                   "broken pipe", "connection refused"))
+def without_stderr(fn):
+    """fn() with file descriptor 2 silenced: torch's store client prints a C++ stack trace there
+    before raising when the store (in rank 0's process) is gone, which would bury the real error."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        return fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def report_failure(err: BaseException, rank: int, run_dir: str | Path) -> None:
     """Print the error once for the job: the first rank in full, the others one line."""
     summary = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
-    if first_to_fail():
+    if first_to_fail(rank):
         text = "".join(traceback.format_exception(err))
         sys.stderr.write("".join(f"[rank{rank}]: {line}\n" for line in text.splitlines()))
         where = Path(run_dir) / "failure.txt"
@@ -183,7 +197,7 @@ def rank_processes(launcher_pid: int) -> list:
         except psutil.Error:
             continue
         # `python -m grpo_ds.train`: the launcher itself has `--module ... grpo_ds.train`.
-        if any(a == "-m" and b == "grpo_ds.train" for a, b in zip(args, args[1:])):
+        if any(a == "-m" and b == "grpo_ds.train" for a, b in itertools.pairwise(args)):
             ranks.append(child)
     return ranks
 
