@@ -159,6 +159,13 @@ def global_sum(value: float, device) -> float:
     return total.item()
 
 
+def _global_max(value: float, device) -> float:
+    """Max of a python number over ranks."""
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return total.item()
+
+
 def step_counts(batch: RolloutBatch, device) -> tuple[float, float]:
     """(sequences, completion tokens) of the whole optimizer step, all ranks: the loss normalisers."""
     counts = torch.tensor([(batch.completion_mask.sum(1) > 0).sum().item(),
