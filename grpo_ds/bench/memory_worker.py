@@ -1,0 +1,350 @@
+"""The rank side of `grpo-ds bench memory` (grpo_ds/bench/memory.py launches it).
+
+    deepspeed --num_gpus 2 --module grpo_ds.bench.memory_worker --worker --out F --run '{json Run}'
+
+A rank builds the policy and the frozen reference inside `zero.Init` (random init, seed 0, so no
+rank ever holds a whole model), then runs real GRPO steps with the trainer's own functions:
+`generate_and_score` (HybridRollout), `forward_logprobs` on the reference, `score_advantages`,
+`update`. With `critic`, a value model of the policy's shape (grpo_ds/critic.py: body + scalar
+head, its own AdamW, the same ZeRO config) is built next and the same steps run again with the
+critic's forward before the update and its forward+backward+step after it: the PPO-style step
+that GRPO avoids. Rank 0 writes every rank's peaks, phases and losses to F.
+
+Peak per rank = the kernel's RSS high-water mark (VmHWM), restarted at every phase boundary
+(/proc/self/clear_refs) and folded into a per-phase maximum, so the maximum over phases is the
+process's peak; on an accelerator also max_memory_allocated.
+
+`--logprob-worker` (one plain process) measures the log-prob working set instead: forward and
+forward+backward over a large vocabulary, naive full logits vs grpo_ds.logprobs chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+from grpo_ds.bench.common import device_peak, memory_status, restart_peaks, say, start_memory_guard
+
+GIB = 2**30
+GUARD_BYTES = 1 * GIB  # a rank exits when the machine has less than this available
+SIZES = {  # Llama-style shapes: vocab, hidden, layers, MLP, heads, kv heads
+    "tiny": (512, 64, 2, 128, 4, 4),
+    "25M": (8192, 512, 6, 1024, 8, 8),
+    "125M": (32000, 768, 12, 2048, 12, 12),
+    "300M": (32000, 1024, 18, 2816, 16, 16),
+    "1.1B": (32000, 2048, 22, 5632, 32, 4),  # TinyLlama's shape
+    "2.1B": (32000, 2560, 28, 6912, 20, 4),
+    "3.0B": (32000, 2560, 42, 6912, 20, 4),
+    "4.0B": (32000, 3072, 40, 8192, 24, 4),
+}
+NVME_PLACEHOLDER = "/local_nvme"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One launch: model, preset, workload and knobs."""
+
+    preset: str = "zero3"
+    size: str = "25M"
+    dtype: str = "bfloat16"
+    prompts_per_rank: int = 2
+    group_size: int = 4
+    prompt_len: int = 32
+    new_tokens: int = 16
+    micro_batch: int = 4
+    steps: int = 2
+    beta: float = 0.04
+    reference: str = "cpu_offload"
+    gather: str = "full"
+    checkpointing: bool = False
+    chunk: int = 4096
+    critic: bool = True
+    zero: dict = field(default_factory=dict)  # overrides of the preset's zero_optimization
+    nvme_path: str = ""
+    malloc: str = "default"  # glibc: default | mmap (MALLOC_MMAP_THRESHOLD_=65536)
+
+
+def llama_config(size: str):
+    from transformers import LlamaConfig
+
+    vocab, hidden, layers, mlp, heads, kv = SIZES[size]
+    # No pad_token_id: transformers' init would index the already partitioned embedding.
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                       intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv,
+                       max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def fill_nvme_path(ds: dict, path: str) -> dict:
+    """Put `path` where a preset says /local_nvme (the optimizer's and params' swap folders)."""
+    zero = ds.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("nvme_path") == NVME_PLACEHOLDER:
+            zero[key]["nvme_path"] = path
+    return ds
+
+
+def run_config(run: Run, world: int):
+    """(cfg, batch plan, filled DeepSpeed config) of a run, as grpo-ds train would make them."""
+    from grpo_ds.config import deepspeed_config, load_config, validate
+
+    cfg = load_config(None, [
+        f"--train.prompts_per_step={run.prompts_per_rank * world}",
+        f"--rollout.group_size={run.group_size}", f"--rollout.max_new_tokens={run.new_tokens}",
+        f"--data.max_prompt_length={run.prompt_len}", f"--train.micro_batch_size={run.micro_batch}",
+        f"--grpo.beta={run.beta}", f"--model.dtype={run.dtype}", f"--rollout.gather={run.gather}",
+        f"--model.gradient_checkpointing={run.checkpointing}",
+        f"--train.logprob_chunk_size={run.chunk}", f"--deepspeed.config=ds_configs/{run.preset}.json",
+        f"--deepspeed.reference_placement={run.reference}"])
+    plan = validate(cfg, world)
+    ds = fill_nvme_path(deepspeed_config(cfg, plan), run.nvme_path)
+    ds["zero_optimization"].update(run.zero)
+    return cfg, plan, ds
+
+
+def planned(run: Run, cfg, ds: dict, world: int) -> dict:
+    """The planner's per-rank peak for this exact run (RAM per rank on CPU, device on GPU)."""
+    from grpo_ds import planner
+    from grpo_ds.plan_cli import detect_budgets
+
+    spec = planner.llama_spec(llama_config(run.size).to_dict(), run.size)
+    shape = planner.training_shape_from_config(cfg, world)
+    plan = planner.plan_memory(spec, ds, world, 1, shape, detect_budgets(None, None))
+    key = "ram_per_rank" if plan.budgets.device_is_host else "device_per_rank"
+    return {"params": spec.total_params, "grpo": getattr(plan.grpo, key),
+            "with_critic": getattr(plan.ppo, key), "grpo_phase": plan.grpo.peak_phase,
+            "fits": plan.fits}
+
+
+class Peaks:
+    """This rank's peak memory by phase. The RSS high-water mark restarts at each phase boundary
+    and is folded into the phase that just ended (time between phases goes to "between")."""
+
+    def __init__(self):
+        self.host = {"startup": memory_status()["hwm"]}
+        self.device, self.seconds = {}, {}
+        self.timeline = []  # (phase, RSS at its start, its peak), in order
+        self.start_rss = memory_status()["rss"]
+        restart_peaks()
+
+    def _fold(self, name: str) -> None:
+        status = memory_status()
+        self.host[name] = max(self.host.get(name, 0), status["hwm"])
+        self.timeline.append((name, self.start_rss, status["hwm"]))
+        self.start_rss = status["rss"]
+        if (device := device_peak()) is not None:
+            self.device[name] = max(self.device.get(name, 0), device)
+        restart_peaks()
+
+    @contextmanager
+    def phase(self, name: str):
+        self._fold("between")
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self._fold(name)
+
+    def overall(self) -> int:
+        self._fold("between")
+        return max(self.host.values())
+
+
+def build_engines(run: Run, ds: dict, peaks: Peaks) -> dict:
+    """Policy and reference built in zero.Init from the size's config; RSS around the reference."""
+    import deepspeed
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from grpo_ds.engine import build_policy, reference_ds_config, reference_engine
+
+    config = llama_config(run.size)
+    with peaks.phase("policy_build"):
+        torch.manual_seed(0)
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            lm = LlamaForCausalLM(config)
+        policy = build_policy(lm, ds, run.chunk, run.checkpointing)
+    before, reference = memory_status()["rss"], None
+    if run.reference != "none":
+        with peaks.phase("reference_build"):
+            ref_ds = reference_ds_config(ds, run.reference)
+            torch.manual_seed(0)  # the policy's weights
+            with deepspeed.zero.Init(config_dict_or_path=ref_ds):
+                ref_lm = LlamaForCausalLM(config)
+            reference = reference_engine(ref_lm, ref_ds, run.chunk)
+    return {"config": config, "policy": policy, "reference": reference,
+            "reference_rss": {"before_build": before, "after_build": memory_status()["rss"]}}
+
+
+def build_critic(ctx: dict, peaks: Peaks):
+    """The PPO critic engine: the policy's body + a value head, own optimizer, same ZeRO config."""
+    import os
+
+    import deepspeed
+    import torch
+
+    from grpo_ds.critic import build_value_model
+
+    ds = json.loads(json.dumps(ctx["ds"]))
+    zero = ds["zero_optimization"]
+    for key in ("offload_optimizer", "offload_param"):  # its own swap folders
+        if zero.get(key, {}).get("device") == "nvme":
+            zero[key]["nvme_path"] = os.path.join(zero[key]["nvme_path"], "critic")
+    with peaks.phase("critic_build"):
+        torch.manual_seed(1)
+        with deepspeed.zero.Init(config_dict_or_path=ds):
+            model = build_value_model(ctx["engines"]["config"])
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=ds)
+    return engine, sum(p.ds_numel for p in model.parameters())
+
+
+def grpo_step(ctx: dict, peaks: Peaks, step: int, critic=None) -> dict:
+    """One GRPO step through the trainer's functions (plus the critic's work when given)."""
+    from grpo_ds.bench.step import even_share
+    from grpo_ds.critic import critic_update, critic_values
+    from grpo_ds.trainer import (
+        forward_logprobs,
+        generate_and_score,
+        sample_seed,
+        score_advantages,
+        update,
+    )
+
+    cfg, plan, e = ctx["cfg"], ctx["plan"], ctx["engines"]
+    with peaks.phase("generation"):
+        batch, rewards, _, _ = generate_and_score(
+            cfg, ctx["rollout"], ctx["tokenizer"], ctx["rows"], [even_share], ["even_share"],
+            sample_seed(cfg.train.seed, step, ctx["rank"]))
+        batch = batch.slice(0, len(batch))
+    if e["reference"] is not None:
+        with peaks.phase("reference"):
+            batch.ref_logprobs = forward_logprobs(e["reference"], batch, plan.micro_batch_size,
+                                                  cfg.rollout.temperature)
+        e["reference_rss"].setdefault("after_forward", memory_status()["rss"])
+    if critic is not None:
+        with peaks.phase("critic_values"):
+            old_values = critic_values(critic, batch, plan.micro_batch_size)
+    score_advantages(cfg, batch, rewards)
+    with peaks.phase("update"):
+        metrics = update(e["policy"], batch, cfg, plan)
+    if critic is not None:
+        with peaks.phase("critic_update"):
+            critic_update(critic, batch, old_values, rewards, plan.micro_batch_size,
+                          plan.world_size)
+    return {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}
+
+
+def setup(run: Run, peaks: Peaks) -> dict:
+    import torch
+    from deepspeed import comm as dist
+
+    from grpo_ds.bench.step import build_tokenizer
+    from grpo_ds.rollout import HybridRollout
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg, plan, ds = run_config(run, world)
+    ctx = {"cfg": cfg, "plan": plan, "ds": ds, "rank": rank, "world": world,
+           "planned": planned(run, cfg, ds, world) if rank == 0 else None}
+    ctx["engines"] = build_engines(run, ds, peaks)
+    ctx["tokenizer"] = tokenizer = build_tokenizer(SIZES[run.size][0])  # EOS outside the vocab
+    ctx["rollout"] = HybridRollout(ctx["engines"]["policy"].module.lm, tokenizer.pad_token_id,
+                                   gather=run.gather, tokenizer=tokenizer)
+    g = torch.Generator().manual_seed(1000 + rank)
+    ids = torch.randint(1, SIZES[run.size][0], (plan.prompts_per_rank, run.prompt_len),
+                        generator=g).tolist()
+    ctx["rows"] = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
+    return ctx
+
+
+def worker(run: Run, out: str) -> None:
+    from deepspeed import comm as dist
+
+    from grpo_ds.engine import init_distributed
+
+    init_distributed()
+    rank = dist.get_rank()
+    start_memory_guard(GUARD_BYTES, rank)
+    peaks = Peaks()
+    ctx = setup(run, peaks)
+    say(rank, f"{run.preset}/{run.size}: engines built")
+    steps = [grpo_step(ctx, peaks, s) for s in range(1, run.steps + 1)]
+    mine = {"grpo_peak": peaks.overall(), "grpo_phases": dict(peaks.host),
+            "grpo_seconds": dict(peaks.seconds), "reference_rss": ctx["engines"]["reference_rss"],
+            "device_phases": dict(peaks.device), "steps": steps, "timeline": peaks.timeline}
+    say(rank, f"{run.preset}/{run.size}: GRPO steps done, peak {mine['grpo_peak'] / GIB:.2f} GiB")
+    if run.critic:
+        critic, mine["critic_params"] = build_critic(ctx, peaks)
+        peaks.seconds = {}
+        for s in range(run.steps + 1, 2 * run.steps + 1):
+            grpo_step(ctx, peaks, s, critic)
+        mine.update(critic_peak=peaks.overall(), critic_phases=dict(peaks.host),
+                    critic_seconds=dict(peaks.seconds))
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"run": asdict(run), "planned": ctx["planned"], "ranks": everyone}, f)
+    dist.barrier()
+
+
+def logprob_worker(out: str, rows: int, vocab: int, hidden: int, chunks: list[int]) -> None:
+    """Peak extra RSS of log-probs (+ entropy, as the update asks for) over `rows` positions of
+    a `vocab` head, bf16: naive full logits, then token_logprobs per chunk size."""
+    import torch
+
+    from grpo_ds.logprobs import logits_to_token_logprobs, token_logprobs
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(hidden, vocab, bias=False).bfloat16()
+    hidden_states = torch.randn(1, rows, hidden, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, vocab, (1, rows))
+    variants = {"naive": lambda: logits_to_token_logprobs(head(hidden_states), targets,
+                                                          with_entropy=True)}
+    for c in chunks:
+        variants[str(c)] = (lambda c=c: token_logprobs(hidden_states, head, targets, chunk_size=c,
+                                                        with_entropy=True))
+    report = {"rows": rows, "vocab": vocab, "hidden": hidden, "dtype": "bfloat16", "variants": {}}
+    for name, fn in [("warm-up", variants["naive"]), *variants.items()]:
+        for grad in (False, True):
+            head.zero_grad(set_to_none=False)  # grads exist (warm-up): only the working set counts
+            restart_peaks()
+            base = memory_status()["rss"]
+            with torch.set_grad_enabled(grad):
+                logprobs, entropy = fn()
+                if grad:
+                    logprobs.sum().backward()
+            extra = memory_status()["hwm"] - base
+            del logprobs, entropy
+            if name != "warm-up":
+                chunk = rows if name == "naive" else min(int(name), rows)
+                report["variants"].setdefault(name, {})["backward" if grad else "forward"] = {
+                    "peak_extra_bytes": extra, "chunk_x_vocab_x_4": chunk * vocab * 4,
+                    "ratio": extra / (chunk * vocab * 4)}
+    with open(out, "w") as f:
+        json.dump(report, f)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--run", help="a Run as JSON")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--logprob-worker", action="store_true")
+    parser.add_argument("--logprob-shape", help="rows,vocab,hidden")
+    parser.add_argument("--chunks", help="chunk sizes, comma-separated")
+    args = parser.parse_args(argv)
+    if args.logprob_worker:
+        rows, vocab, hidden = map(int, args.logprob_shape.split(","))
+        logprob_worker(args.out, rows, vocab, hidden, [int(c) for c in args.chunks.split(",")])
+    else:
+        worker(Run(**json.loads(args.run)), args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
