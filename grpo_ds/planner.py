@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,7 +68,21 @@ SDPA_LSE_BYTES = 4  # SDPA saves one fp32 logsumexp per head and query
 BACKWARD_WORKING_LAYERS = 1.0  # activation gradients of the layer being back-propagated
 LOGPROB_CHUNK_FACTOR = 3  # grpo_ds/logprobs.py: peak about 3 x chunk x V x 4 bytes
 SAMPLING_BYTES_PER_LOGIT = 32  # rollout/sampling.py: f32 logits, scaled, sorted + int64 order, f64 cdf
-RUNTIME_HOST_BYTES = 440 * 2**20  # measured here: max RSS of a 1-rank ZeRO-3 engine, 0.3M params
+# measured (grpo-ds bench memory --quick): peak RSS per rank of 2 CPU ranks running GRPO steps on a
+# 0.1M-param model: torch + DeepSpeed + gloo + the shm all-reduce buffers, the engines' objects
+RUNTIME_HOST_BYTES = 470 * 2**20
+# torch's Adam/AdamW step on one fp32 sub-group (DeepSpeed's torch_adam, optimizer not offloaded):
+# the single-tensor CPU path makes sqrt(exp_avg_sq) and its quotient by the bias correction
+# (2 x 4 B/param, measured: the step's transient is 12 B/param with the 4 B fp32 gradient);
+# the foreach path of CUDA makes only the sqrt (not measured here). DeepSpeedCPUAdam: in place.
+ADAM_TEMP_BYTES_CPU = 8
+ADAM_TEMP_BYTES_FOREACH = 4
+# CPU only: glibc keeps the freed pieces of gathered weights in its heap (blocks below its 32 MiB
+# mmap ceiling are not returned to the OS), and the step's large fp32 blocks are fresh mappings
+# that cannot reuse them. Measured (grpo-ds bench memory, 25M-300M, every preset): the resting RSS
+# after the first step stays 1.5-2.0 x the largest set of gathered weights above the clean one.
+# MALLOC_MMAP_THRESHOLD_=65536 removes it (and costs 25-35% step time here).
+HEAP_RETAINED_GATHERS = 1.75
 RUNTIME_DEVICE_BYTES = 512 * 2**20  # accelerator context + allocator slack; typical CUDA, not measured
 LLAMA_STYLE = ("llama", "mistral")  # same parameter layout; counted from the config by formula
 
@@ -267,7 +282,7 @@ class Component:
     note: str = ""
 
 
-PHASES = ("generation", "reference", "update", "step")
+PHASES = ("generation", "reference", "update", "step", "critic step")
 
 
 # ---- components -----------------------------------------------------------------------------
@@ -279,8 +294,12 @@ def _placed(name, phase, nbytes, where, note) -> Component:
 
 
 def model_state_components(owner: str, spec: ModelSpec, zero: ZeroSettings, world: int,
-                           p: int) -> list[Component]:
-    """Params, grads, fp32 grads and Adam states of one trainable model, per rank."""
+                           p: int, step_temp: int = 0, step_phase: str = "step") -> list[Component]:
+    """Params, grads, fp32 grads and Adam states of one trainable model, per rank.
+
+    step_temp: bytes per param of one sub-group that the optimizer's step allocates
+    (`optimizer_step_temp_bytes`); step_phase: the phase its step transients belong to.
+    """
     n, s, opt = spec.total_params, zero.stage, zero.offload_optimizer
     param_n = n / world if s >= 3 else n
     grad_n = n / world if s >= 2 else n
@@ -290,10 +309,14 @@ def model_state_components(owner: str, spec: ModelSpec, zero: ZeroSettings, worl
     fp32_grads = (_placed(f"{owner} fp32 grads", "persistent", FP32_GRAD_BYTES * optim_n, opt,
                           "4 B/param, optimizer's gradient buffer")
                   if opt != "none" else
-                  _placed(f"{owner} fp32 grads", "step",
+                  _placed(f"{owner} fp32 grads", step_phase,
                           FP32_GRAD_BYTES * min(optim_n, zero.sub_group_size), "none",
                           "4 B/param of one sub-group, made at the step"))
-    return [
+    temps = ([Component(f"{owner} Adam step temporaries", step_phase,
+                        device=int(step_temp * min(optim_n, zero.sub_group_size)),
+                        note=f"{step_temp} B/param of one sub-group (torch Adam)")]
+             if step_temp else [])
+    return temps + [
         _placed(f"{owner} params", "persistent", p * param_n, zero.offload_param,
                 f"{p} B/param" + (f" / {world}" if s >= 3 else "")),
         _placed(f"{owner} grads", "persistent", p * grad_n, grad_where,
@@ -302,6 +325,16 @@ def model_state_components(owner: str, spec: ModelSpec, zero: ZeroSettings, worl
         _placed(f"{owner} optimizer states", "persistent", (master + ADAM_MOMENT_BYTES) * optim_n,
                 opt, f"{master + ADAM_MOMENT_BYTES} B/param (master {master} + Adam 8)"),
     ]
+
+
+def optimizer_step_temp_bytes(ds_config: dict, zero: ZeroSettings, device_is_host: bool) -> int:
+    """Bytes/param the step's optimizer allocates: torch Adam(W) on an un-offloaded optimizer."""
+    optimizer = ds_config.get("optimizer") or {}
+    torch_adam = (str(optimizer.get("type", "")).lower() in ("adam", "adamw")
+                  and optimizer.get("params", {}).get("torch_adam"))
+    if zero.offload_optimizer != "none" or not torch_adam:
+        return 0
+    return ADAM_TEMP_BYTES_CPU if device_is_host else ADAM_TEMP_BYTES_FOREACH
 
 
 def layer_activation_bytes(spec: ModelSpec, p: int, seq_len: int, attention: str) -> int:
@@ -459,13 +492,18 @@ def buffer_components(spec, zero: ZeroSettings, world, p, device_is_host) -> lis
         out.append(Component("zero3 persistent params", "persistent",
                              device=p * persistent_numel(spec, zero),
                              note=f"modules <= {zero.param_persistence_threshold} params, whole"))
-        out.append(Component("reduce bucket", "persistent", device=p * zero.reduce_bucket_size,
+        # allocated with torch.empty: on a CPU host only the part gradients fill is resident
+        bucket = min(zero.reduce_bucket_size, spec.total_params) if device_is_host \
+            else zero.reduce_bucket_size
+        out.append(Component("reduce bucket", "persistent", device=p * bucket,
                              note="reduce_bucket_size x dtype"))
     else:
         out.append(Component("reduce + allgather buckets", "persistent",
                              device=p * (zero.reduce_bucket_size + zero.allgather_bucket_size)))
     if zero.offload_optimizer == "nvme":
-        largest = min(zero.sub_group_size, math.ceil(spec.total_params / world))
+        # a sub-group holds whole params: the largest partition may exceed sub_group_size
+        largest = min(max(zero.sub_group_size, math.ceil(spec.largest_leaf / world)),
+                      math.ceil(spec.total_params / world))
         out.append(Component("nvme optimizer swap buffers", "persistent",
                              host=zero.optimizer_buffer_count * largest * 4,
                              note="buffer_count x sub-group x 4 B"))
@@ -592,6 +630,14 @@ def check_budgets(components: list, t: Totals, budgets: Budgets, ranks_per_node:
     return reasons
 
 
+def heap_kept_component(components: list) -> Component:
+    """CPU host with glibc: freed gathered weights stay resident (HEAP_RETAINED_GATHERS)."""
+    gathered = max(c.device for c in components
+                   if c.name in ("generation gathered weights", "update gathered params"))
+    return Component("heap kept by glibc", "persistent", host=int(HEAP_RETAINED_GATHERS * gathered),
+                     note=f"{HEAP_RETAINED_GATHERS} x the largest gathered set, freed but resident")
+
+
 def plan_memory(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: int,
                 training: TrainingShape, budgets: Budgets) -> MemoryPlan:
     """The per-rank memory plan of a GRPO run (and the same run as PPO with a critic)."""
@@ -599,15 +645,20 @@ def plan_memory(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: 
         raise ValueError(f"world_size={world_size} does not divide over nodes={nodes}")
     zero, p, rpn = zero_settings(ds_config), DTYPE_BYTES[training.dtype], world_size // nodes
     spec, w = model_spec, world_size
-    components = (model_state_components("policy", spec, zero, w, p)
+    step_temp = optimizer_step_temp_bytes(ds_config, zero, budgets.device_is_host)
+    components = (model_state_components("policy", spec, zero, w, p, step_temp)
                   + reference_components(spec, training, zero, w, p)
                   + generation_components(spec, training, zero, p)
                   + update_components(spec, training, zero, p)
                   + buffer_components(spec, zero, w, p, budgets.device_is_host))
+    if budgets.device_is_host and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        components.append(heap_kept_component(components))
     critic_act = next(c for c in components if c.name == "update activations")
-    critic = model_state_components("critic", spec, zero, w, p) + [
+    critic = model_state_components("critic", spec, zero, w, p, step_temp, "critic step") + [
         Component("critic activations", "update", device=critic_act.device,
-                  note="same size as the policy's")]
+                  note="same size as the policy's")] + [
+        Component(f"critic {c.name}", c.phase, c.device, c.host, c.nvme, "its own engine's")
+        for c in components if c.name == "reduce bucket" or c.name.startswith("nvme ")]
     grpo = totals(components, rpn, budgets.device_is_host)
     ppo = totals(components + critic, rpn, budgets.device_is_host)
     return MemoryPlan(spec.name, spec.total_params, w, nodes, rpn, zero, training, budgets,
