@@ -175,6 +175,8 @@ class TrainConfig:
     """Seed for model init, sampling and data order."""
     eval_every: int = 10
     """Held-out greedy evaluation every N GRPO steps (0 = only at start and end)."""
+    eval_pass_at_k: bool = False
+    """At each evaluation also sample G completions per held-out prompt and log pass@k."""
     logprob_chunk_size: int = 4096
     """Rows of the logits computed at once for log-probs (memory = chunk x vocab)."""
 

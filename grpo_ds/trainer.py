@@ -242,28 +242,52 @@ def score_advantages(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor) ->
     return metrics
 
 
-def evaluate(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], reward_fn,
-             device, chunk: int = 256) -> float:
-    """Held-out greedy accuracy: the share of prompts whose greedy answer scores 1.0, all ranks.
+def correct_counts(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], reward_fn,
+                   device, group: int = 1, chunk: int = 256) -> list[int]:
+    """Per held-out prompt of this rank: how many of its `group` completions score 1.0 (greedy
+    when group is 1, else sampled at the rollout temperature).
 
     Generation is collective under ZeRO-3 (it gathers the weights), so every rank runs the same
     number of chunks; a rank out of rows decodes one throw-away prompt to keep in step.
     """
-    correct = 0.0
+    counts: list[int] = []
+    params = sampling_params(cfg, tokenizer, greedy=group == 1)
     rounds = int(_global_max(-(-len(rows) // chunk), device))
     for start in range(0, rounds * chunk, chunk):
         part = rows[start:start + chunk]
         prompt_ids = [prompt_token_ids(tokenizer, r) for r in part] or [[tokenizer.eos_token_id]]
-        out = rollout.generate(prompt_ids, group_size=1,
-                               params=sampling_params(cfg, tokenizer, greedy=True), seed=0)
+        out = rollout.generate(prompt_ids, group_size=group, params=params, seed=start + 1)
         if not part:
             continue
         completions = decode(tokenizer, out.completion_ids, out.completion_mask)
-        columns = {k: [r[k] for r in part] for k in part[0] if k not in PROMPT_KEYS}
-        scores = reward_fn([r["prompt"] for r in part], completions, **columns)
-        correct += sum(1.0 for s in scores if s is not None and s >= 1.0)
+        columns = {k: [r[k] for r in part for _ in range(group)] for k in part[0]
+                   if k not in PROMPT_KEYS}
+        scores = reward_fn([r["prompt"] for r in part for _ in range(group)], completions,
+                           **columns)
+        hits = [s is not None and s >= 1.0 for s in scores]
+        counts += [sum(hits[i:i + group]) for i in range(0, len(hits), group)]
+    return counts
+
+
+def evaluate(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], reward_fn,
+             device) -> float:
+    """Held-out greedy accuracy: the share of prompts whose greedy answer scores 1.0, all ranks."""
+    correct = sum(correct_counts(cfg, rollout, tokenizer, rows, reward_fn, device))
     total = global_sum(len(rows), device)
     return global_sum(correct, device) / total if total else float("nan")
+
+
+def evaluate_pass_at_k(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict],
+                       reward_fn, device) -> dict[str, float]:
+    """Unbiased pass@k (Chen et al. 2021) over G samples per held-out prompt, k = 1, 2, 4 .. G."""
+    from grpo_ds.data import pass_at_k
+
+    G = cfg.rollout.group_size
+    counts = correct_counts(cfg, rollout, tokenizer, rows, reward_fn, device, group=G)
+    ks = sorted({2**i for i in range(G.bit_length()) if 2**i <= G} | {G})
+    total = global_sum(len(rows), device)
+    return {f"eval/pass@{k}": global_sum(sum(pass_at_k(G, c, k) for c in counts), device)
+            / max(total, 1) for k in ks}
 
 
 def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source, reward_fns,
@@ -319,6 +343,9 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
             metrics["eval/accuracy"] = accuracy()
             state.history.append({"step": step, "accuracy": metrics["eval/accuracy"]})
+            if cfg.train.eval_pass_at_k:
+                metrics.update(evaluate_pass_at_k(cfg, rollout, tokenizer, eval_rows,
+                                                  reward_fns[0], device))
         logger.scalars(step, metrics)
         logger.histogram(step, "rewards", rewards[~rewards.isnan()])
         logger.histogram(step, "advantages", batch.advantages)

@@ -26,7 +26,8 @@ def test_gsm8k_run_with_rule_and_model_rewards(tmp_path):
          "--model.dtype=float32", "--data.max_prompt_length=96",
          f"--rewards.functions=[math_answer, 'model:{scorer}']", "--rewards.weights=[1.0,0.5]",
          "--rollout.group_size=4", "--rollout.max_new_tokens=8", "--train.prompts_per_step=4",
-         "--train.micro_batch_size=4", "--train.steps=2", "--train.eval_every=0",
+         "--train.micro_batch_size=4", "--train.steps=2", "--train.eval_every=1",
+         "--train.eval_pass_at_k=true", "--checkpoint.save_every=0",
          f"--output.run_dir={run_dir}", f"--deepspeed.master_port={free_port()}"],
         capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -37,5 +38,8 @@ def test_gsm8k_run_with_rule_and_model_rewards(tmp_path):
         # Both reward functions scored every completion: the classifier's logits vary.
         assert s["rewards/math_answer/mean"] >= 0.0
         assert s["rewards/scorer/std"] > 0.0
+    # Held-out pass@k over G = 4 samples per prompt, logged at the step-1 evaluation.
+    passes = [steps[0][f"eval/pass@{k}"] for k in (1, 2, 4)]
+    assert 0.0 <= passes[0] <= passes[1] <= passes[2] <= 1.0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 2
