@@ -9,8 +9,9 @@ import pytest
 
 @pytest.mark.multirank
 def test_generation_bench_quick_prints_one_json_line():
-    proc = subprocess.run([sys.executable, "-m", "grpo_ds.bench.generation", "--quick", "--json", "--repeats", "1",
-                           "--timeout", "240"], check=False, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "grpo_ds.bench.generation", "--quick", "--json", "--repeats", "1",
+           "--timeout", "240"]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1
