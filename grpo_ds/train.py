@@ -89,6 +89,11 @@ def train(cfg: Config) -> int:
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     source, tokenizer = make_source(cfg, rank, world)
+    counts = getattr(source, "counts", {})  # prompts truncated / dropped for length
+    if counts:
+        logger.print(", ".join(f"{k.split('/')[-1].replace('_', ' ')}: {v}"
+                               for k, v in counts.items()))
+        logger.scalars(0, counts)
     reward_names = names_of_rewards(cfg.rewards.functions)
     reward_fns = load_rewards(cfg, deepspeed_config(cfg, plan))
 
