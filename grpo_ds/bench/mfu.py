@@ -73,28 +73,34 @@ def generation_flops(shape: ModelShape, prompt_len: int, new_tokens: int, group:
     return prefill + group * per_sample
 
 
-def matmul_rate(size: int, dtype: torch.dtype, seconds: float) -> float:
-    """FLOP/s of repeated [size, size] @ [size, size] in `dtype` on this process's threads."""
+def matmul_rate(size: int, dtype: torch.dtype, seconds: float) -> tuple[float, float]:
+    """(FLOP per wall second, FLOP per CPU second of this process) of repeated
+    [size, size] @ [size, size] in `dtype` on this process's threads."""
     a = torch.randn(size, size).to(dtype)
     b = torch.randn(size, size).to(dtype)
     out = torch.empty(size, size, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up: first call picks and packs kernels
-    reps, start = 0, time.perf_counter()
+    reps, start, start_cpu = 0, time.perf_counter(), time.process_time()
     while True:
         torch.mm(a, b, out=out)
         reps += 1
         elapsed = time.perf_counter() - start
         if elapsed >= seconds:
-            return 2.0 * size ** 3 * reps / elapsed
+            flops = 2.0 * size ** 3 * reps
+            return flops / elapsed, flops / max(time.process_time() - start_cpu, 1e-9)
 
 
 def matmul_peak(dtype: torch.dtype, seconds_per_size: float = 1.0,
                 sizes: tuple[int, ...] = PEAK_SIZES) -> dict:
-    """{"flops": best FLOP/s over sizes, "by_size": {size: FLOP/s}, "threads": n} for this rank.
+    """This rank's peak: {"flops": best FLOP/s over sizes, "flops_per_cpu_second": best FLOP
+    per CPU second (the rate of a core while it runs, whatever else shares it), "by_size":
+    {size: FLOP/s}, "threads": n}.
 
     Under several ranks every rank calls this at the same time (after a barrier), so the ranks
     compete for caches and memory bandwidth as they do in training.
     """
-    by_size = {size: matmul_rate(size, dtype, seconds_per_size) for size in sizes}
-    return {"flops": max(by_size.values()), "by_size": by_size,
+    rates = {size: matmul_rate(size, dtype, seconds_per_size) for size in sizes}
+    return {"flops": max(wall for wall, _ in rates.values()),
+            "flops_per_cpu_second": max(cpu for _, cpu in rates.values()),
+            "by_size": {size: wall for size, (wall, _) in rates.items()},
             "threads": torch.get_num_threads()}

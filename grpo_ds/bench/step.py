@@ -205,8 +205,8 @@ def measure_peak(dtype_name: str, seconds_per_size: float) -> list[dict]:
 
     dist.barrier()
     mine = matmul_peak(DTYPES[dtype_name], seconds_per_size)
-    flops = gather_floats([mine["flops"], mine["threads"]])
-    return [{"flops": f, "threads": int(t)} for f, t in flops]
+    ranks = gather_floats([mine["flops"], mine["flops_per_cpu_second"], mine["threads"]])
+    return [{"flops": f, "flops_per_cpu_second": c, "threads": int(t)} for f, c, t in ranks]
 
 
 def phase_flops(w: Workload, mu: int) -> dict:
@@ -249,12 +249,15 @@ def summarise(w: Workload, args, steps: list[dict], peaks: list[list[dict]], ext
                        if seconds else 0.0, "flops": flops[key],
                        "mfu": flops[key] / (seconds * aggregate) if seconds else 0.0}
     # Diagnostic, not the headline: the same FLOPs over each rank's CPU seconds (its threads'
-    # busy time) instead of wall time, i.e. the MFU the code reaches when nothing else competes
-    # for the cores. On a shared machine wall time also counts time other processes ran.
+    # busy time) against the matmul's FLOP per CPU second, i.e. about the MFU the code reaches
+    # when nothing else competes for the cores; wall time on a shared machine also counts the
+    # time other processes ran. (Spinning threads and waits that burn CPU count as busy.)
     cpu = {k[4:]: v for k, v in mean.items() if k.startswith("cpu/")}
     cpu_flops = {"generate_and_score": flops["generation"], "reference": flops["reference"],
                  "update": flops["update"], "step": flops["step"]}
-    mfu_cpu = {k: cpu_flops[k] / (v * aggregate) for k, v in cpu.items() if v}
+    cpu_peak = sum(max(p[r]["flops_per_cpu_second"] for p in peaks)
+                   for r in range(len(per_rank_peak)))  # FLOP per CPU second, summed over ranks
+    mfu_cpu = {k: cpu_flops[k] / (v * cpu_peak) for k, v in cpu.items() if v}
     return {"workload": asdict(w), "ranks": len(per_rank_peak), "dtype": args.dtype, "mu": args.mu,
             "params_millions": round(extra.pop("params") / 1e6, 2),
             "body_params": flops["body_params"], "head_params": flops["head_params"],
