@@ -10,6 +10,7 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 
+from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import deepspeed_config, load_config, validate
 from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
 from grpo_ds.metrics import RunLogger
@@ -55,7 +56,10 @@ def main() -> None:
     task = ArithmeticTask(digits=2, eval_size=32)
     source = ArithmeticSource(task, cfg.train.prompts_per_step, rank, world, seed=0)
     logger = RunLogger(out_dir, rank, cfg.train.steps, quiet=True)
-    run_grpo(cfg, plan, policy, reference, tokenizer, source, [leading_one], ["leading_one"], logger)
+    state = RunState(model_path=str(model_dir), world_size=world)
+    checkpointer = Checkpointer(policy, out_dir / "checkpoints", 1, source, logger.print)
+    run_grpo(cfg, plan, policy, reference, tokenizer, source, [leading_one], ["leading_one"],
+             logger, state, checkpointer)
     logger.close()
     policy_after, reference_after = full_params(policy), full_params(reference)
     local = sum(p.ds_tensor.numel() for p in policy.module.parameters())
