@@ -38,7 +38,7 @@ def test_flop_parameters_match_the_model():
 def test_bench_step_quick_prints_one_json_line():
     proc = subprocess.run([sys.executable, "-m", "grpo_ds.cli", "bench", "step", "--quick",
                            "--json", "--ranks", "2", "--timeout", "400"],
-                          capture_output=True, text=True, timeout=450)
+                          capture_output=True, text=True, timeout=450, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout[-2000:]

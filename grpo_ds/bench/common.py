@@ -96,6 +96,27 @@ def say(rank: int, message: str) -> None:
         print(f"[bench] {message}", flush=True)
 
 
+def collective_seconds(numel: int, dtype, reps: int = 3) -> dict[str, float]:
+    """Wall seconds (slowest rank, mean of `reps`) of one all-gather and one reduce-scatter of
+    `numel` elements in `dtype`, each rank holding numel / W: what ZeRO-3 does per full pass."""
+    import torch
+    from deepspeed import comm as dist
+
+    world = dist.get_world_size()
+    shard = torch.randn(numel // world).to(dtype)
+    full = torch.empty(shard.numel() * world, dtype=dtype)
+    ops = {"all_gather": lambda: dist.all_gather_into_tensor(full, shard),
+           "reduce_scatter": lambda: dist.reduce_scatter_tensor(shard, full)}
+    out = {}
+    for name, op in ops.items():
+        op()  # warm-up: connections and buffers
+        with Clock() as clock:
+            for _ in range(reps):
+                op()
+        out[name] = clock.seconds / reps
+    return out
+
+
 # ---- memory: peaks per phase and a guard for the shared machine (bench/memory.py) -------------
 
 

@@ -104,3 +104,15 @@ def matmul_peak(dtype: torch.dtype, seconds_per_size: float = 1.0,
             "flops_per_cpu_second": max(cpu for _, cpu in rates.values()),
             "by_size": {size: wall for size, (wall, _) in rates.items()},
             "threads": torch.get_num_threads()}
+
+
+def peak_all_ranks(dtype: torch.dtype, seconds_per_size: float) -> list[dict]:
+    """Every rank's matmul_peak, measured at the same time (one barrier before), for all ranks."""
+    from deepspeed import comm as dist
+
+    from grpo_ds.bench.common import gather_floats
+
+    dist.barrier()
+    mine = matmul_peak(dtype, seconds_per_size)
+    ranks = gather_floats([mine["flops"], mine["flops_per_cpu_second"], mine["threads"]])
+    return [{"flops": f, "flops_per_cpu_second": c, "threads": int(t)} for f, c, t in ranks]

@@ -10,7 +10,7 @@ hidden 512, 6 layers, MLP 1024, 8 heads; random init, seed 0), 8 prompts of 128 
 x G = 8 = 64 sequences of 256 tokens, each completion exactly 128 tokens (the tokenizer's EOS
 id is outside the model's vocabulary, so nothing stops early), ZeRO-3 from ds_configs/zero3.json,
 beta = 0.04 (the frozen reference runs, CPU-offloaded as in training), mu = 1, micro-batches of
-32 sequences, float32 (bfloat16 with --dtype; see the README for why fp32 stays the CPU default).
+32 sequences, float32 (the config's default; --dtype bfloat16 for the bf16 run).
 
 It runs the trainer's own code, phase by phase, with a barrier around each phase (times are the
 slowest rank's): `generate_and_score` (split into generation and rewards), `forward_logprobs` on
@@ -19,6 +19,10 @@ and step timed. Old log-probs cost 0 s by design: with mu = 1 there are none, an
 they are the detached log-probs of the update's first pass (see trainer.py), not another forward.
 One untimed warm-up step comes first (ZeRO-3 records its parameter order, kernels get picked);
 the timed numbers are the mean over the following steps. FLOPs and the peak: see mfu.py.
+MFU = model FLOPs / (wall seconds x the summed per-rank peaks); a second, CPU-time MFU
+(FLOPs over the ranks' busy CPU seconds) shows what the code reaches when no other process
+competes for the cores. The report also times one all-gather and one reduce-scatter of all
+parameters, the units of ZeRO-3's traffic per step (README: "Communication per step").
 """
 
 from __future__ import annotations
@@ -127,8 +131,13 @@ UPDATE_PARTS = ("forward", "backward", "optimizer_step")
 
 def run_step(ctx: dict, step: int) -> dict:
     """One GRPO step through the trainer's functions; seconds per phase (slowest rank)."""
-    from grpo_ds.trainer import (forward_logprobs, generate_and_score, sample_seed,
-                                 score_advantages, update)
+    from grpo_ds.trainer import (
+        forward_logprobs,
+        generate_and_score,
+        sample_seed,
+        score_advantages,
+        update,
+    )
 
     cfg, plan, rank = ctx["cfg"], ctx["plan"], ctx["rank"]
     with Clock() as whole:
@@ -194,19 +203,6 @@ def setup(args, w: Workload) -> dict:
     rows = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
     return {"cfg": cfg, "plan": plan, "rank": rank, "world": world, "policy": policy,
             "reference": reference, "rollout": rollout, "tokenizer": tokenizer, "rows": rows}
-
-
-def measure_peak(dtype_name: str, seconds_per_size: float) -> list[dict]:
-    """Every rank's matmul peak, measured at the same time (one barrier before)."""
-    from deepspeed import comm as dist
-
-    from grpo_ds.bench.mfu import matmul_peak
-    from grpo_ds.model import DTYPES
-
-    dist.barrier()
-    mine = matmul_peak(DTYPES[dtype_name], seconds_per_size)
-    ranks = gather_floats([mine["flops"], mine["flops_per_cpu_second"], mine["threads"]])
-    return [{"flops": f, "flops_per_cpu_second": c, "threads": int(t)} for f, c, t in ranks]
 
 
 def phase_flops(w: Workload, mu: int) -> dict:
@@ -280,11 +276,28 @@ def profile_step(ctx: dict, path: str) -> None:
         f.write(table)
 
 
+def communication(ctx: dict, params: int, args) -> dict:
+    """Measured all-gather / reduce-scatter of every parameter, and the step's ZeRO-3 traffic
+    from them: (1 + A + 2 mu A) all-gathers (rollout, reference, update forward and backward)
+    and mu A reduce-scatters (gradients), A = micro-batches per rank (see the README)."""
+    from grpo_ds.bench.common import collective_seconds
+    from grpo_ds.model import DTYPES
+
+    seconds = collective_seconds(params, DTYPES[args.dtype])
+    accum, mu = ctx["plan"].grad_accum, args.mu
+    gathers, scatters = 1 + accum + 2 * mu * accum, mu * accum
+    return {**seconds, "all_gathers_per_step": gathers, "reduce_scatters_per_step": scatters,
+            "estimated_seconds_per_step": gathers * seconds["all_gather"]
+            + scatters * seconds["reduce_scatter"]}
+
+
 def worker(args) -> None:
     import torch
 
+    from grpo_ds.bench.mfu import peak_all_ranks
     from grpo_ds.engine import init_distributed
     from grpo_ds.metrics import peak_memory_metrics
+    from grpo_ds.model import DTYPES
 
     init_distributed()  # gives each rank cores / LOCAL_SIZE threads
     threads_by_launcher = torch.get_num_threads()
@@ -297,7 +310,7 @@ def worker(args) -> None:
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                  for p in ctx["policy"].module.parameters())
     peak_seconds = 0.2 if args.quick else 1.0
-    peaks = [measure_peak(args.dtype, peak_seconds)]
+    peaks = [peak_all_ranks(DTYPES[args.dtype], peak_seconds)]
     say(rank, f"peak {[round(p['flops'] / 1e9, 1) for p in peaks[0]]} GFLOP/s per rank; warm-up")
     run_step(ctx, 0)
     steps = []
@@ -306,15 +319,16 @@ def worker(args) -> None:
         say(rank, f"step {step}: " + ", ".join(f"{k} {v:.2f}s" for k, v in steps[-1].items()))
     if args.profile:
         profile_step(ctx, args.profile)
-    peaks.append(measure_peak(args.dtype, peak_seconds))
+    peaks.append(peak_all_ranks(DTYPES[args.dtype], peak_seconds))
     memory = peak_memory_metrics(ctx["policy"].device)
+    comm = communication(ctx, params, args) if ctx["world"] > 1 else {}
     extra = {"params": params, "threads_per_rank": torch.get_num_threads(),
              "threads_set_by_init_distributed": threads_by_launcher,
              "local_size_env": os.environ.get("LOCAL_SIZE"), "cpu_count": os.cpu_count(),
              "logprob_chunk_size": ctx["cfg"].train.logprob_chunk_size,
              "peak_memory_bytes_per_rank": [memory[f"memory/peak_bytes_rank{r}"]
                                             for r in range(ctx["world"])],
-             "load_average": os.getloadavg()}
+             "load_average": os.getloadavg(), "communication": comm}
     report = summarise(w, args, steps, peaks, extra)
     if rank == 0:
         with open(args.out, "w") as f:
@@ -328,14 +342,15 @@ ROWS = ("generation", "rewards", "reference", "old_logprobs", "update", "update/
 def format_table(r: dict) -> str:
     w = r["workload"]
     seqs = w["prompts"] * w["group_size"]
-    lines = [f"GRPO step benchmark: {seqs} sequences ({w['prompts']} prompts x G={w['group_size']})"
-             f" of {w['prompt_len']}+{w['new_tokens']} tokens, {r['params_millions']}M-param "
-             f"Llama, {r['dtype']}, ZeRO-3, {r['ranks']} rank(s) x {r['threads_per_rank']} "
-             f"thread(s), mu={r['mu']}, micro-batch {w['micro_batch']}",
-             "peak (square matmul, all ranks at once): "
-             + " + ".join(f"{p / 1e9:.1f}" for p in r["peak_flops_per_rank"])
-             + f" = {r['peak_flops_aggregate'] / 1e9:.1f} GFLOP/s",
-             "", f"{'phase':24s} {'seconds':>8s} {'tokens/s':>10s} {'GFLOP':>9s} {'MFU':>6s}"]
+    peaks = " + ".join(f"{p / 1e9:.1f}" for p in r["peak_flops_per_rank"])
+    lines = [
+        (f"GRPO step benchmark: {seqs} sequences ({w['prompts']} prompts x G={w['group_size']}) "
+         f"of {w['prompt_len']}+{w['new_tokens']} tokens, {r['params_millions']}M-param Llama, "
+         f"{r['dtype']}, ZeRO-3, {r['ranks']} rank(s) x {r['threads_per_rank']} thread(s), "
+         f"mu={r['mu']}, micro-batch {w['micro_batch']}"),
+        (f"peak (square matmul, all ranks at once): {peaks} = "
+         f"{r['peak_flops_aggregate'] / 1e9:.1f} GFLOP/s"),
+        "", f"{'phase':24s} {'seconds':>8s} {'tokens/s':>10s} {'GFLOP':>9s} {'MFU':>6s}"]
     for key in ROWS:
         p = r["phases"][key]
         mfu = f"{p['mfu']:6.2f}" if p["flops"] else f"{'-':>6s}"
@@ -343,12 +358,19 @@ def format_table(r: dict) -> str:
         lines.append(f"{key:24s} {p['seconds']:8.2f} {p['tokens_per_second']:10.0f} "
                      f"{p['flops'] / 1e9:9.1f} {mfu}{note}")
     memory = ", ".join(f"{b / 2**30:.2f}" for b in r["peak_memory_bytes_per_rank"])
-    cpu = r["cpu_seconds_per_rank"]
+    load = ", ".join(f"{x:.2f}" for x in r["load_average"])
+    cpu = ", ".join(f"{k} {v:.2f} s (MFU {r['mfu_cpu'].get(k, 0):.2f})"
+                    for k, v in r["cpu_seconds_per_rank"].items())
     lines += ["", f"peak memory per rank (GiB): {memory}",
-              f"mfu_update {r['mfu_update']:.3f}   mfu_step {r['mfu_step']:.3f}   "
-              f"load average {', '.join(f'{x:.2f}' for x in r['load_average'])}",
-              "CPU seconds per rank (busy time; MFU over it = MFU without competing processes): "
-              + ", ".join(f"{k} {v:.2f} s ({r['mfu_cpu'].get(k, 0):.2f})" for k, v in cpu.items())]
+              (f"mfu_update {r['mfu_update']:.3f}   mfu_step {r['mfu_step']:.3f}   "
+               f"(load average {load})"),
+              f"busy CPU seconds per rank (MFU without competing processes): {cpu}"]
+    comm = r["communication"]
+    if comm:
+        lines.append(f"ZeRO-3 traffic: all-gather of all params {comm['all_gather']:.3f} s, "
+                     f"reduce-scatter {comm['reduce_scatter']:.3f} s; per step "
+                     f"{comm['all_gathers_per_step']} + {comm['reduce_scatters_per_step']} of "
+                     f"them ~ {comm['estimated_seconds_per_step']:.2f} s")
     return "\n".join(lines)
 
 
