@@ -8,7 +8,9 @@ the model inside `zero.Init` and a model larger than one device arrives already 
 from __future__ import annotations
 
 import copy
+import glob
 import os
+import time
 
 import deepspeed
 import torch
@@ -24,9 +26,34 @@ def init_distributed() -> None:
         # Without these, init_distributed falls back to mpi4py discovery.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     unlink_shm_buffer()
     set_threads_per_rank()
+
+
+def clear_stale_build_locks(max_age_seconds: float = 1800.0) -> None:
+    """Remove JIT build locks left behind by a killed DeepSpeed op build.
+
+    DeepSpeed builds its CPU ops (shm all-reduce, cpu_adam, async_io) on first use, guarded by a
+    `lock` file in torch's extension directory. A build killed mid-way leaves that file, and every
+    later run then waits on it forever. A real build takes minutes, so a lock older than
+    `max_age_seconds` is stale. Only local rank 0 looks, before any rank starts a build.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    for lock in glob.glob(os.path.join(root, "*", "*", "lock")) + glob.glob(
+            os.path.join(root, "*", "lock")):
+        try:
+            if time.time() - os.path.getmtime(lock) > max_age_seconds:
+                os.unlink(lock)
+                print(f"[grpo-ds] removed a stale op-build lock left by a killed build: {lock}",
+                      flush=True)
+        except FileNotFoundError:  # another process removed it first
+            pass
 
 
 def unlink_shm_buffer() -> None:
