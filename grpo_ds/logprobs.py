@@ -8,7 +8,8 @@ GRPO step: N*T*V*4 bytes in float32, and autograd would keep them for backward. 
 flattens the N*T positions and works on chunk_size rows at a time: logits in the model's dtype,
 only the chunk upcast to float32, then log-softmax and gather. Under autograd each chunk runs in
 torch.utils.checkpoint (non-reentrant), so backward recomputes one chunk's logits at a time too.
-Peak extra memory is then about 3 * chunk_size * V * 4 bytes, independent of N and T.
+Peak extra memory is then about 2.5 (forward) to 6 (forward + backward) x chunk_size * V * 4
+bytes, independent of N and T (measured: `grpo-ds bench memory --sections logprobs`).
 
 `project` is called like a module (the model's lm_head): under DeepSpeed ZeRO-3 the call is what
 gathers its partitioned weight, so we never touch `.weight`. Each chunk calls it once in forward and
@@ -83,7 +84,10 @@ def token_logprobs(
         logits = project(hidden_chunk)  # [chunk, V] in the model's dtype
         logprobs, entropy = logits_to_token_logprobs(
             logits, target_chunk, temperature, with_entropy=with_entropy)
-        return (logprobs, entropy) if with_entropy else (logprobs,)
+        # One output tensor: a checkpointed chunk with two outputs keeps the tensors recomputed
+        # for the output backward never reaches (entropy, a detached metric in the update) until
+        # the graph dies, so memory would grow with N*T again.
+        return torch.stack([logprobs, entropy], dim=-1) if with_entropy else logprobs
 
     pieces = []
     for start in range(0, n * t, chunk_size):
@@ -95,6 +99,7 @@ def token_logprobs(
     if not pieces:  # N*T == 0
         empty = hidden.new_zeros(n, t, dtype=torch.promote_types(hidden.dtype, torch.float32))
         return empty, (empty.clone() if with_entropy else None)
-    logprobs = torch.cat([p[0] for p in pieces]).reshape(n, t)
-    entropy = torch.cat([p[1] for p in pieces]).reshape(n, t) if with_entropy else None
-    return logprobs, entropy
+    joined = torch.cat(pieces)
+    if not with_entropy:
+        return joined.reshape(n, t), None
+    return joined[:, 0].reshape(n, t), joined[:, 1].reshape(n, t)

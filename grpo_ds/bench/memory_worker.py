@@ -14,8 +14,9 @@ Peak per rank = the kernel's RSS high-water mark (VmHWM), restarted at every pha
 (/proc/self/clear_refs) and folded into a per-phase maximum, so the maximum over phases is the
 process's peak; on an accelerator also max_memory_allocated.
 
-`--logprob-worker` (one plain process) measures the log-prob working set instead: forward and
-forward+backward over a large vocabulary, naive full logits vs grpo_ds.logprobs chunks.
+`--logprob-worker` (one plain process) measures the log-prob working set instead: forward,
+forward+backward, and forward+backward with entropy over a large vocabulary, naive full logits vs
+grpo_ds.logprobs chunks.
 """
 
 from __future__ import annotations
@@ -290,9 +291,11 @@ def worker(run: Run, out: str) -> None:
     dist.barrier()
 
 
-def logprob_worker(out: str, rows: int, vocab: int, hidden: int, chunks: list[int]) -> None:
-    """Peak extra RSS of log-probs (+ entropy, as the update asks for) over `rows` positions of
-    a `vocab` head, bf16: naive full logits, then token_logprobs per chunk size."""
+def logprob_worker(out: str, rows_list: list[int], vocab: int, hidden: int,
+                   chunks: list[int]) -> None:
+    """Peak extra RSS of per-token log-probs over a `vocab` head, bf16, for each number of rows:
+    naive full logits vs token_logprobs per chunk size; forward only (as the reference runs),
+    forward+backward (log-probs only), forward+backward with entropy (as the update asks)."""
     import torch
 
     from grpo_ds.logprobs import logits_to_token_logprobs, token_logprobs
@@ -300,30 +303,30 @@ def logprob_worker(out: str, rows: int, vocab: int, hidden: int, chunks: list[in
     torch.set_num_threads(1)
     torch.manual_seed(0)
     head = torch.nn.Linear(hidden, vocab, bias=False).bfloat16()
-    hidden_states = torch.randn(1, rows, hidden, dtype=torch.bfloat16, requires_grad=True)
-    targets = torch.randint(0, vocab, (1, rows))
-    variants = {"naive": lambda: logits_to_token_logprobs(head(hidden_states), targets,
-                                                          with_entropy=True)}
-    for c in chunks:
-        variants[str(c)] = (lambda c=c: token_logprobs(hidden_states, head, targets, chunk_size=c,
-                                                        with_entropy=True))
-    report = {"rows": rows, "vocab": vocab, "hidden": hidden, "dtype": "bfloat16", "variants": {}}
-    for name, fn in [("warm-up", variants["naive"]), *variants.items()]:
-        for grad in (False, True):
-            head.zero_grad(set_to_none=False)  # grads exist (warm-up): only the working set counts
-            restart_peaks()
-            base = memory_status()["rss"]
-            with torch.set_grad_enabled(grad):
-                logprobs, entropy = fn()
-                if grad:
-                    logprobs.sum().backward()
-            extra = memory_status()["hwm"] - base
-            del logprobs, entropy
-            if name != "warm-up":
-                chunk = rows if name == "naive" else min(int(name), rows)
-                report["variants"].setdefault(name, {})["backward" if grad else "forward"] = {
-                    "peak_extra_bytes": extra, "chunk_x_vocab_x_4": chunk * vocab * 4,
-                    "ratio": extra / (chunk * vocab * 4)}
+    report = {"vocab": vocab, "hidden": hidden, "dtype": "bfloat16", "rows": {}}
+    modes = {"forward": (False, False), "backward": (True, False), "backward_entropy": (True, True)}
+    for rows in rows_list:
+        x = torch.randn(1, rows, hidden, dtype=torch.bfloat16, requires_grad=True)
+        targets = torch.randint(0, vocab, (1, rows))
+        results = report["rows"][str(rows)] = {}
+        for name, chunk in [("warm-up", None), ("naive", None), *((str(c), c) for c in chunks)]:
+            for mode, (grad, entropy) in modes.items():
+                head.zero_grad(set_to_none=False)  # the grads exist: only the working set counts
+                restart_peaks()
+                base = memory_status()["rss"]
+                with torch.set_grad_enabled(grad):
+                    logprobs, _ = (
+                        logits_to_token_logprobs(head(x), targets, with_entropy=entropy)
+                        if chunk is None else
+                        token_logprobs(x, head, targets, chunk_size=chunk, with_entropy=entropy))
+                    if grad:
+                        logprobs.sum().backward()
+                extra = memory_status()["hwm"] - base
+                del logprobs
+                unit = min(chunk or rows, rows) * vocab * 4
+                if name != "warm-up":
+                    results.setdefault(name, {})[mode] = {"peak_extra_bytes": extra,
+                                                          "over_chunk_x_vocab_x_4": extra / unit}
     with open(out, "w") as f:
         json.dump(report, f)
 
@@ -335,12 +338,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     parser.add_argument("--logprob-worker", action="store_true")
-    parser.add_argument("--logprob-shape", help="rows,vocab,hidden")
+    parser.add_argument("--logprob-shape", help="rows[+rows...],vocab,hidden")
     parser.add_argument("--chunks", help="chunk sizes, comma-separated")
     args = parser.parse_args(argv)
     if args.logprob_worker:
-        rows, vocab, hidden = map(int, args.logprob_shape.split(","))
-        logprob_worker(args.out, rows, vocab, hidden, [int(c) for c in args.chunks.split(",")])
+        rows, vocab, hidden = args.logprob_shape.split(",")
+        logprob_worker(args.out, [int(r) for r in rows.split("+")], int(vocab), int(hidden),
+                       [int(c) for c in args.chunks.split(",")])
     else:
         worker(Run(**json.loads(args.run)), args.out)
     return 0
