@@ -11,13 +11,8 @@ from grpo_ds.rollout.forward import FullForward
 PAD, EOS = 0, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: OpenMP with 2 threads spins against other processes (ms per tiny matmul)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 
 def tiny_llama(vocab=32, seed=0) -> LlamaForCausalLM:

@@ -19,13 +19,8 @@ from grpo_ds.rollout.gather import plan_layers_per_group
 PAD, EOS = 0, 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: OpenMP with 2 threads spins against other processes (ms per tiny matmul)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DIMS = dict(vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 

@@ -3,7 +3,6 @@ JSON report, and time a collective phase as the slowest rank sees it.
 
 A benchmark module `grpo_ds.bench.X` has a `--worker --out FILE` mode that runs on every rank
 and writes its report from rank 0; `launch_workers` starts it and returns that report.
-(generation.py keeps its own 2-rank copy of this; new benchmarks use this one.)
 """
 
 from __future__ import annotations

@@ -44,15 +44,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
+
+from grpo_ds.bench.common import launch_workers
 
 EOS_ID, PAD_ID, EOS_SCALE = 1, 0, 100.0
 
@@ -247,44 +243,6 @@ def worker(args) -> None:
             json.dump(report, f)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(quick: bool, timeout: float, repeats: int = 2) -> dict:
-    """Run the 2-rank worker under the deepspeed launcher and return rank 0's report.
-
-    Progress lines ("[bench] ...") are echoed to stderr as they come.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "report.json")
-        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(_free_port()),
-               "--module", "grpo_ds.bench.generation", "--worker", "--out", out]
-        cmd += ["--quick"] if quick else []
-        cmd += ["--repeats", str(repeats)]
-        lines = []
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        # kill the launcher and its ranks (its own process group) if the run overstays
-        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))
-        timer.start()
-        try:
-            for line in proc.stdout:
-                lines.append(line.rstrip())
-                if line.startswith("[bench]"):
-                    print(line.rstrip(), file=sys.stderr, flush=True)
-            code = proc.wait()
-        finally:
-            timer.cancel()
-        if code != 0 or not os.path.exists(out):
-            tail = "\n".join(lines[-40:])
-            raise RuntimeError(f"benchmark workers failed (exit {code}):\n{tail}")
-        with open(out) as f:
-            return json.load(f)
-
-
 def add_ratios(report: dict) -> dict:
     """ours (a) tokens/s divided by b's and c's (wall and CPU time), per scenario."""
     for results in report["scenarios"].values():
@@ -346,7 +304,8 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    report = add_ratios(launch(args.quick, args.timeout, args.repeats))
+    passed = ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    report = add_ratios(launch_workers("grpo_ds.bench.generation", 2, passed, args.timeout))
     print(json.dumps(report) if args.json else format_table(report))
     return 0
 
