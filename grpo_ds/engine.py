@@ -98,6 +98,9 @@ def load_sharded(path: str, ds_config: dict, dtype: str):
 
 def build_policy(lm: torch.nn.Module, ds_config: dict, chunk_size: int, gradient_checkpointing: bool):
     """Wrap the HF model and hand it to DeepSpeed; returns the engine (optimizer inside)."""
+    # from_pretrained returns a model in eval mode, where HF skips gradient checkpointing
+    # (it checks self.training): the policy trains, so it is in train mode from here on.
+    lm.train()
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)

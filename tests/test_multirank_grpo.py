@@ -14,6 +14,7 @@ def test_two_grpo_steps_on_zero3(tmp_path):
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for report in reports:
         assert report["world"] == 2
+        assert report["policy_in_train_mode"] and report["checkpointing_on"]
         # ZeRO-3 partitioning is real: each rank holds about half of every parameter.
         assert report["local_fraction"] == pytest.approx(0.5, abs=0.01)
         # The policy was trained ...

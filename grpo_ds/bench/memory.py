@@ -16,8 +16,9 @@ cpu_offload), full gather for generation, log-prob chunk 4096, glibc's default a
 Models: Llama-style from a config, random init (memory_worker.SIZES). Sections:
   presets      each ds_configs preset x model size: planned vs measured, GRPO vs with critic
   placement    reference cpu_offload / sharded / none: the RSS the reference adds per rank
-  activations  25M model, 8 sequences of 512 tokens, float32, one step: gradient checkpointing
-               on/off and micro-batches of 8 vs 2 (same samples, so loss and grad norm agree)
+  activations  25M model, 8 sequences of 512 tokens, float32, one step, MALLOC_MMAP_THRESHOLD_
+               so that RSS follows the working set: gradient checkpointing on/off and
+               micro-batches of 8 vs 2 (same samples, so loss and grad norm agree)
   logprobs     one process: peak of log-probs + entropy over a 128k vocabulary, naive full
                logits vs chunked, against chunk x vocab x 4 bytes
   knobs        300M model, zero3: one ZeRO / trainer / allocator knob changed at a time
@@ -63,8 +64,10 @@ def section_runs(args) -> dict[str, dict[str, Run]]:
                                                      beta=0.0 if where == "none" else base.beta)
                              for s in sizes for where in ("cpu_offload", "sharded", "none")}
     if "activations" in sections:
+        # RSS follows the working set only when freed blocks go back to the OS (mmap): with
+        # glibc's default heap the first update's peak is inflated by fragmentation.
         long = replace(base, size="25M", dtype="float32", prompt_len=496, micro_batch=8, steps=1,
-                       critic=False)
+                       critic=False, malloc="mmap")
         runs["activations"] = {"micro8": long,
                                "micro8+checkpointing": replace(long, checkpointing=True),
                                "micro2": replace(long, micro_batch=2)}

@@ -50,7 +50,7 @@ def main() -> None:
     dist.barrier()
     ds = deepspeed_config(cfg, plan)
     lm, tokenizer = load_sharded(str(model_dir), ds, "float32")
-    policy = build_policy(lm, ds, 64, False)
+    policy = build_policy(lm, ds, 64, gradient_checkpointing=True)
     reference = build_reference(str(model_dir), ds, "cpu_offload", "float32", 64)
     policy_before, reference_before = full_params(policy), full_params(reference)
     task = ArithmeticTask(digits=2, eval_size=32)
@@ -66,6 +66,9 @@ def main() -> None:
     total = sum(p.ds_numel for p in policy.module.parameters())
     report = {
         "world": world,
+        # from_pretrained leaves eval mode, where HF silently skips gradient checkpointing
+        "policy_in_train_mode": policy.module.lm.training,
+        "checkpointing_on": policy.module.lm.model.gradient_checkpointing,
         "local_fraction": local / total,
         "policy_total_params": total,
         "policy_max_abs_change": max((policy_after[k] - policy_before[k]).abs().max().item()
