@@ -51,7 +51,7 @@ STEP_PHASES = ("generation", "reference", "critic_values", "update", "critic_upd
 
 def section_runs(args) -> dict[str, dict[str, Run]]:
     """The launches of each requested section, by section and name."""
-    base = Run(critic=not args.no_critic, nvme_path=args.nvme_path)
+    base = Run(critic=not args.no_critic, nvme_path=args.nvme_path, malloc=args.malloc)
     if args.quick:
         return {"presets": {f"{p}/tiny": replace(base, preset=p, size="tiny", steps=1)
                             for p in (args.presets or "zero3").split(",")}}
@@ -274,6 +274,8 @@ def main(argv=None) -> int:
     parser.add_argument("--probe", default="", help="sizes to probe in order, e.g. 1.1B,2.1B,3.0B")
     parser.add_argument("--probe-preset", default="zero3_nvme")
     parser.add_argument("--nvme-path", default="", help="swap folder (default: a temp dir)")
+    parser.add_argument("--malloc", default="default", choices=["default", "mmap"],
+                        help="mmap: MALLOC_MMAP_THRESHOLD_=65536, so RSS follows live memory")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per launch")
     args = parser.parse_args(argv)
     # DeepSpeed logs to stdout (e.g. "Setting accelerator to CPU"); keep stdout for the report.
