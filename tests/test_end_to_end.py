@@ -17,7 +17,7 @@ def test_default_run_lifts_accuracy_above_the_supervised_plateau(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [shutil.which("grpo-ds"), "train", f"--output.run_dir={run_dir}"],
-        capture_output=True, text=True, timeout=900)
+        check=False, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["world_size"] == 2

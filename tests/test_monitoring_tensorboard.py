@@ -90,7 +90,7 @@ def test_console_has_one_progress_line_per_step_from_rank_0(short_run):
                  if line.startswith(f"step {step}/{STEPS}  reward ")]
         assert len(lines) == 1
         assert " kl " in lines[0] and "s/step  eta " in lines[0]
-    assert "eval " in [line for line in result.stdout.splitlines() if line.startswith("step 2/")][0]
+    assert "eval " in next(line for line in result.stdout.splitlines() if line.startswith("step 2/"))
     output = result.stdout + result.stderr
     assert "FutureWarning" not in output  # DeepSpeed's use of renamed torch collectives
 

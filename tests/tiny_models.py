@@ -4,8 +4,12 @@ import string
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
 
 
 def text_tokenizer() -> PreTrainedTokenizerFast:
@@ -22,9 +26,9 @@ def text_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def llama_config(tokenizer, **overrides) -> LlamaConfig:
-    fields = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    fields = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     return LlamaConfig(**{**fields, **overrides})
 
 

@@ -32,7 +32,7 @@ def leading_one(prompts, completions, **kwargs):
 
 
 def main() -> None:
-    out_dir = Path([a for a in sys.argv[1:] if not a.startswith("--local_rank")][0])
+    out_dir = Path(next(a for a in sys.argv[1:] if not a.startswith("--local_rank")))
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(None, [f"--output.run_dir={out_dir}", "--train.steps=2",
