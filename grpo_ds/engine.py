@@ -7,6 +7,7 @@ the model inside `zero.Init` and a model larger than one device arrives already 
 
 from __future__ import annotations
 
+import atexit
 import copy
 import glob
 import os
@@ -28,8 +29,17 @@ def init_distributed() -> None:
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     clear_stale_build_locks()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    atexit.register(leave_process_group)
     unlink_shm_buffer()
     set_threads_per_rank()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group at exit while Python still runs. Left to C++ static destructors,
+    gloo's threads now and then abort a finished rank ("terminate called without an active
+    exception", exit code 250). Local: no rank waits for another."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def clear_stale_build_locks(max_age_seconds: float = 1800.0) -> None:
