@@ -22,7 +22,7 @@ PAD, EOS = 0, 1
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 DIMS = {"vocab_size": 24, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
 
 def build(config_cls, model_cls, **extra):

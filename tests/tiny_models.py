@@ -27,8 +27,9 @@ def text_tokenizer() -> PreTrainedTokenizerFast:
 
 def llama_config(tokenizer, **overrides) -> LlamaConfig:
     fields = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
-                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                  "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "max_position_embeddings": 512, "bos_token_id": 1, "eos_token_id": 2,
+              "pad_token_id": 0}
     return LlamaConfig(**{**fields, **overrides})
 
 

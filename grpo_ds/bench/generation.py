@@ -77,8 +77,9 @@ def build_model(w: Workload, arch: str = "llama"):
 
     torch.manual_seed(0)
     dims = {"vocab_size": w.vocab, "hidden_size": w.hidden, "intermediate_size": w.mlp,
-                "num_hidden_layers": w.layers, "num_attention_heads": w.heads,
-                "num_key_value_heads": w.heads, "max_position_embeddings": 2 * (w.prompt_len + w.new_tokens)}
+            "num_hidden_layers": w.layers, "num_attention_heads": w.heads,
+            "num_key_value_heads": w.heads,
+            "max_position_embeddings": 2 * (w.prompt_len + w.new_tokens)}
     config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if arch == "llama"
                              else (Qwen2Config, Qwen2ForCausalLM))
     model = model_cls(config_cls(**dims)).float()
@@ -118,9 +119,10 @@ def hf_generate(module, prompts, w: Workload, new_tokens: int, eos: bool, gather
     from grpo_ds.rollout.gather import eval_mode, suspend_zero3_hooks
 
     ids = torch.tensor(prompts)
-    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": True, "top_k": 0, "top_p": 1.0,
-                  "temperature": 1.0, "num_return_sequences": w.group_size, "max_new_tokens": new_tokens,
-                  "pad_token_id": PAD_ID, "eos_token_id": EOS_ID if eos else None}
+    kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": True, "top_k": 0,
+              "top_p": 1.0, "temperature": 1.0, "num_return_sequences": w.group_size,
+              "max_new_tokens": new_tokens, "pad_token_id": PAD_ID,
+              "eos_token_id": EOS_ID if eos else None}
     with torch.no_grad(), eval_mode(module):
         if gathered:
             with suspend_zero3_hooks(module), deepspeed.zero.GatheredParameters(
@@ -204,7 +206,8 @@ def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: in
                 continue
             try:
                 r = timed(fn)
-            except Exception as exc:  # noqa: BLE001 -- e.g. CUDA-only kernels on CPU: same error on every rank
+            # e.g. CUDA-only kernels on CPU: the same error on every rank
+            except Exception as exc:  # noqa: BLE001
                 results[name] = {"error": f"{type(exc).__name__}: {exc}"}
                 continue
             if rank == 0:
