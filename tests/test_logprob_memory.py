@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-MALLOC_FOLLOWS_WORKING_SET = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+from grpo_ds.bench.memory import MALLOC_FOLLOWS_LIVE_MEMORY
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def peaks(tmp_path_factory):
     cmd = [sys.executable, "-m", "grpo_ds.bench.memory_worker", "--logprob-worker",
            "--out", str(out), "--logprob-shape", "256+1024,32000,64", "--chunks", "64"]
     subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.DEVNULL,
-                   env={**os.environ, **MALLOC_FOLLOWS_WORKING_SET})
+                   env={**os.environ, **MALLOC_FOLLOWS_LIVE_MEMORY})
     report = json.loads(out.read_text())
     return {rows: {name: {mode: v["peak_extra_bytes"] for mode, v in modes.items()}
                    for name, modes in variants.items()}

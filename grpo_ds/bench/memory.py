@@ -45,6 +45,8 @@ from grpo_ds.bench.common import available_ram, launch_workers
 from grpo_ds.bench.memory_worker import GIB, Run
 
 PRESETS = ("zero3", "zero3_offload_optimizer", "zero3_offload_all", "zero3_nvme")
+# glibc returns every freed block of 64 KiB or more to the OS: RSS then follows live memory
+MALLOC_FOLLOWS_LIVE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 PROBE_FREE_BYTES = 18 * GIB  # free RAM to wait for before a probe size
 STEP_PHASES = ("generation", "reference", "critic_values", "update", "critic_update")
 
@@ -121,7 +123,7 @@ def summarise(report: dict) -> dict:
 def launch(run: Run, timeout: float) -> dict:
     # glibc reads MALLOC_MMAP_THRESHOLD_ at start: every block >= 64 KiB is then its own mapping,
     # returned to the OS when freed (and paid for in page faults when allocated)
-    mmap = {"MALLOC_MMAP_THRESHOLD_": "65536"} if run.malloc == "mmap" else {}
+    mmap = MALLOC_FOLLOWS_LIVE_MEMORY if run.malloc == "mmap" else {}
     saved = {k: os.environ.get(k) for k in mmap}
     os.environ.update(mmap)
     try:
@@ -183,7 +185,7 @@ def logprob_section(timeout: float) -> dict:
         out = os.path.join(tmp, "logprobs.json")
         cmd = [sys.executable, "-m", "grpo_ds.bench.memory_worker", "--logprob-worker",
                "--out", out, "--logprob-shape", "512+1024,128256,256", "--chunks", "128,512"]
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        env = {**os.environ, **MALLOC_FOLLOWS_LIVE_MEMORY}
         subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL, env=env)
         with open(out) as f:
             return json.load(f)
