@@ -51,7 +51,8 @@ def test_presets_offload_where_their_names_say():
     from grpo_ds.bench.memory_worker import fill_nvme_path
     from grpo_ds.config import load_ds_preset
 
-    expected = {"zero3": ("none", "none"), "zero3_offload_optimizer": ("cpu", "none"),
+    expected = {"zero3": ("none", "none"), "zero3_lean": ("none", "none"),
+                "zero3_offload_optimizer": ("cpu", "none"),
                 "zero3_offload_all": ("cpu", "cpu"), "zero3_nvme": ("nvme", "cpu")}
     assert set(PRESETS) == set(expected)
     for name, devices in expected.items():
