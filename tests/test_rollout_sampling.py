@@ -94,6 +94,21 @@ def test_inverse_cdf_never_picks_zero_probability_tokens():
     assert inverse_cdf_sample(probs, u).tolist() == [1, 1, 3, 3]
 
 
+def test_two_level_inverse_cdf_equals_one_float64_cumsum():
+    # The blocked search must pick what one float64 cumsum over the whole vocabulary picks:
+    # 1000 rows over a vocabulary that is not a multiple of the block, with zeroed entries.
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(1000, 1003, generator=g) ** 4
+    probs[probs < 0.05] = 0.0
+    u = torch.rand(1000, generator=g, dtype=torch.float64)
+    cdf = torch.cumsum(probs, -1, dtype=torch.float64)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    for block in (7, 64, 256, 2048):
+        got = inverse_cdf_sample(probs, u, block=block)
+        assert torch.equal(got, expected), block
+        assert (probs.gather(-1, got.unsqueeze(-1)) > 0).all()
+
+
 def test_greedy_picks_lowest_id_among_maxima_and_reports_t1_logprob():
     logits = torch.tensor([[0.0, 2.0, 2.0, 1.0]])
     tokens, logprobs = sample_next_tokens(logits, None, temperature=0.0)

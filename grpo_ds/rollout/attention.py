@@ -37,9 +37,20 @@ def _keep_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
 
 def _by_slot(rows, group_size, num_prompts, values: torch.Tensor) -> torch.Tensor:
     """values [B, ...] of live rows -> [N, G, ...] by (prompt, slot), zeros in dead slots."""
-    grouped = values.new_zeros((num_prompts, group_size) + tuple(values.shape[1:]))
+    shape = (num_prompts, group_size) + tuple(values.shape[1:])
+    if values.shape[0] == num_prompts * group_size:  # no row retired yet: rows is arange(N*G)
+        return values.reshape(shape)
+    grouped = values.new_zeros(shape)
     grouped[rows // group_size, rows % group_size] = values
     return grouped
+
+
+def _of_rows(rows, group_size, grouped: torch.Tensor) -> torch.Tensor:
+    """[N, G, ...] by (prompt, slot) -> [B, ...] of the live rows (inverse of _by_slot)."""
+    num_prompts = grouped.shape[0]
+    if rows.numel() == num_prompts * group_size:
+        return grouped.reshape((rows.numel(),) + tuple(grouped.shape[2:]))
+    return grouped[rows // group_size, rows % group_size]
 
 
 def shared_prefix_decode(query, keys, values, prefix, attention_mask, scaling) -> torch.Tensor:
@@ -53,18 +64,18 @@ def shared_prefix_decode(query, keys, values, prefix, attention_mask, scaling) -
     q_grouped = q_grouped.reshape(num_prompts, kv_heads, group * rep, dim)
     prefix_scores = q_grouped @ prefix.prefix_keys.transpose(-1, -2)
     prefix_scores = prefix_scores.reshape(num_prompts, kv_heads, group, rep, prefix_len)
-    prefix_scores = prefix_scores.transpose(1, 2)[rows // group, rows % group]  # [B, Hkv, rep, Tp]
+    prefix_scores = _of_rows(rows, group, prefix_scores.transpose(1, 2))  # [B, Hkv, rep, Tp]
     own_scores = q @ keys.transpose(-1, -2)  # [B, Hkv, rep, t]
     scores = torch.cat([prefix_scores, own_scores], dim=-1)
     keep = _keep_mask(attention_mask)
-    if keep is not None:
+    if keep is not None and not bool(keep.all()):  # all kept: unpadded prompts
         scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     prefix_probs, own_probs = probs.split([prefix_len, keys.shape[-2]], dim=-1)
     p_grouped = _by_slot(rows, group, num_prompts, prefix_probs).transpose(1, 2)
     p_grouped = p_grouped.reshape(num_prompts, kv_heads, group * rep, prefix_len)
     prefix_out = (p_grouped @ prefix.prefix_values).reshape(num_prompts, kv_heads, group, rep, dim)
-    out = prefix_out.transpose(1, 2)[rows // group, rows % group] + own_probs @ values
+    out = _of_rows(rows, group, prefix_out.transpose(1, 2)) + own_probs @ values
     return out.reshape(batch, 1, heads, dim)
 
 

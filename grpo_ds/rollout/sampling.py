@@ -48,19 +48,37 @@ def truncation_mask(scaled_logits: torch.Tensor, top_k: int, top_p: float) -> to
     return keep
 
 
-def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor,
+                       block: int = 256) -> torch.Tensor:
     """Draw one index per row from `probs [B, V]` (unnormalised, >= 0) with `uniforms [B]`.
 
-    Returns the first index whose cumulative mass exceeds u * total. Zero-probability entries can
-    never be chosen: their cdf equals their predecessor's, and searchsorted(right=True) returns
-    the first index with cdf > target.
+    Returns the first index whose cumulative mass exceeds u * total, in float64 sums. Zero-
+    probability entries can never be chosen: their cdf equals their predecessor's, and
+    searchsorted(right=True) returns the first index with cdf > target.
+
+    Two levels, so that only one block per row is cumulated in float64 (a float64 cumsum over a
+    whole vocabulary costs several passes over it at every decode step): the block holding the
+    target is found on the cumulated block sums, then the index inside that block.
     """
-    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)  # float64: exact-enough running sums
-    total = cdf[:, -1]
-    target = uniforms.double().to(cdf.device) * total
+    rows, vocab = probs.shape
+    if vocab % block:
+        probs = torch.nn.functional.pad(probs, (0, block - vocab % block))  # zeros: never drawn
+    blocks = probs.reshape(rows, -1, block)
+    block_cdf = torch.cumsum(blocks.sum(-1, dtype=torch.float64), dim=-1)  # [B, V / block]
+    total = block_cdf[:, -1]
+    target = uniforms.double().to(probs.device) * total
     # u * total can round up to total itself; keep the target strictly below it.
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    j = torch.searchsorted(block_cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    before = torch.where(j > 0, block_cdf.gather(-1, (j - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1),
+                         torch.zeros_like(target))
+    inner_cdf = torch.cumsum(blocks[torch.arange(rows, device=probs.device), j], -1,
+                             dtype=torch.float64)  # [B, block]
+    # the block's own float64 sum may differ from its cumsum in the last bit: stay below it
+    inner_total = inner_cdf[:, -1]
+    rest = torch.minimum(target - before, torch.nextafter(inner_total, torch.zeros_like(total)))
+    i = torch.searchsorted(inner_cdf, rest.unsqueeze(-1), right=True).squeeze(-1)
+    return j * block + i
 
 
 def sample_next_tokens(
@@ -81,15 +99,14 @@ def sample_next_tokens(
         tokens = torch.argmax(logits, dim=-1)  # first maximum = lowest token id on ties
         logprobs = torch.log_softmax(logits, dim=-1)
         return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    scaled = logits / temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
+    scaled = logits / temperature if temperature != 1.0 else logits
+    softmax = torch.softmax(scaled, dim=-1)
+    probs = softmax
     if top_k > 0 or top_p < 1.0:
-        keep = truncation_mask(scaled, top_k, top_p)
-        probs = torch.exp(logprobs).masked_fill(~keep, 0.0)
-    else:
-        probs = torch.exp(logprobs)
+        probs = softmax.masked_fill(~truncation_mask(scaled, top_k, top_p), 0.0)
     tokens = inverse_cdf_sample(probs, uniforms)
-    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    # log of the untruncated probability at the token only (a drawn token's is never 0)
+    return tokens, softmax.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
 
 
 def logprob_gap(
