@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -241,9 +242,25 @@ def worker(args) -> None:
     for eos in (False, True):
         results = run_methods(engine, hybrids, prompts, w, eos, rank, args.repeats)
         report["scenarios"]["eos" if eos else "no_eos"] = results
+    if args.profile:
+        profile_ours(engine, prompts, w, f"{args.profile}.rank{rank}")
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(report, f)
+
+
+def profile_ours(engine, prompts, w: Workload, path: str) -> None:
+    """One more no-EOS call of ours under torch.profiler; the op table to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from grpo_ds.rollout import HybridRollout, SamplingParams
+
+    ours = HybridRollout(engine.module, PAD_ID, gather="full")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours.generate(prompts, w.group_size, SamplingParams(max_new_tokens=w.new_tokens), seed=0)
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40,
+                                          max_name_column_width=60))
 
 
 def add_ratios(report: dict) -> dict:
@@ -300,6 +317,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved rounds per method; the best round is reported")
+    parser.add_argument("--profile", default="",
+                        help="after the rounds, profile one call of ours; op tables to PROFILE.rankN")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -308,6 +327,7 @@ def main(argv=None) -> int:
         worker(args)
         return 0
     passed = ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    passed += ["--profile", os.path.abspath(args.profile)] if args.profile else []
     report = add_ratios(launch_workers("grpo_ds.bench.generation", 2, passed, args.timeout))
     print(json.dumps(report) if args.json else format_table(report))
     return 0
