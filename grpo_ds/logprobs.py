@@ -33,6 +33,8 @@ def logits_to_token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Reference implementation from full logits [..., V] -> (logprobs [...], entropy [...] or None).
 
+    The entropy carries no gradient (a logged metric; the loss never uses it).
+
     target_ids [...] must be valid vocabulary ids everywhere (use any id, e.g. pad, at padding).
     Results are float32 (float64 if the logits are float64).
     """
@@ -46,8 +48,10 @@ def logits_to_token_logprobs(
     logprobs = logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - normaliser
     if not with_entropy:
         return logprobs, None
-    # H = logsumexp - sum_v p_v * logit_v
-    entropy = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    # H = logsumexp - sum_v p_v * logit_v. A metric, never differentiated: without a graph the
+    # backward runs none of its [.., V] ops (with one, it ran them all on zero gradients).
+    with torch.no_grad():
+        entropy = normaliser - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
     return logprobs, entropy
 
 
@@ -102,4 +106,4 @@ def token_logprobs(
     joined = torch.cat(pieces)
     if not with_entropy:
         return joined.reshape(n, t), None
-    return joined[:, 0].reshape(n, t), joined[:, 1].reshape(n, t)
+    return joined[:, 0].reshape(n, t), joined[:, 1].detach().reshape(n, t)
