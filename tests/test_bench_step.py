@@ -37,7 +37,8 @@ def test_flop_parameters_match_the_model():
 @pytest.mark.multirank
 def test_bench_step_quick_prints_one_json_line():
     proc = subprocess.run([sys.executable, "-m", "grpo_ds.cli", "bench", "step", "--quick",
-                           "--json", "--ranks", "2", "--timeout", "400"],
+                           "--json", "--ranks", "2", "--timeout", "400",
+                           "--compare", "ranks=1", "--rounds", "1"],
                           capture_output=True, text=True, timeout=450, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
@@ -54,3 +55,10 @@ def test_bench_step_quick_prints_one_json_line():
     assert len(report["peak_flops_per_rank"]) == 2 and report["peak_flops_aggregate"] > 0
     assert len(report["peak_memory_bytes_per_rank"]) == 2
     assert all(b > 0 for b in report["peak_memory_bytes_per_rank"])
+    # the same workload on one rank, launched by the same invocation, as a ratio to the main run
+    compare = report["compare"]
+    assert compare["main"]["ranks"] == 2 and compare["main"]["step_seconds_over_main"] == 1.0
+    one = compare["ranks=1"]
+    assert one["ranks"] == 1 and one["step_seconds"] > 0
+    assert one["step_seconds_over_main"] == pytest.approx(one["step_seconds"]
+                                                          / report["step_seconds"])

@@ -87,8 +87,9 @@ def section_runs(args) -> dict[str, dict[str, Run]]:
             "sub_group_size=1e7": replace(k, zero={"sub_group_size": 10**7}),
             "gradient_checkpointing": replace(k, checkpointing=True),
             "gather=layers": replace(k, gather="layers"),
-            "logprob_chunk=256": replace(k, chunk=256),
-            "MALLOC_MMAP_THRESHOLD_=65536": replace(k, malloc="mmap")}
+            "logprob_chunk=256": replace(k, chunk=256)}
+        if k.malloc != "mmap":  # with --malloc mmap every run already has it
+            runs["knobs"]["MALLOC_MMAP_THRESHOLD_=65536"] = replace(k, malloc="mmap")
     if "lean" in sections:
         runs["lean"] = {f"zero3_lean+gather=layers/{s}": replace(base, preset="zero3_lean", size=s,
                                                                  gather="layers")

@@ -1,9 +1,16 @@
 """Benchmark: one GRPO step, phase by phase: seconds, tokens/s, MFU and peak memory per rank.
 
     grpo-ds bench step [--json] [--ranks N] [--quick] [--dtype float32|bfloat16]
+                       [--compare ranks=1,dtype=bfloat16,...] [--rounds K]
 
 starts `deepspeed --num_gpus N --module grpo_ds.bench.step --worker ...` and prints a table (or,
 with --json, one JSON object on one line with `mfu_update` and `mfu_step` among its keys).
+
+--compare runs other configurations in the same invocation, each a fresh launch differing from
+the main one in one setting (ranks=1: the same workload on one rank with all the cores;
+dtype=bfloat16), in interleaved rounds (--rounds, default 2; each configuration's fastest step is
+kept), and reports their step times as ratios to the main configuration's: on a noisy machine a
+ratio is only meaningful between runs minutes apart. The JSON then also has "compare".
 
 Workload (fixed): a Llama-style model of 24.1M parameters built from a config (vocab 8192,
 hidden 512, 6 layers, MLP 1024, 8 heads; random init, seed 0), 8 prompts of 128 random tokens
@@ -365,6 +372,15 @@ def format_table(r: dict) -> str:
               (f"mfu_update {r['mfu_update']:.3f}   mfu_step {r['mfu_step']:.3f}   "
                f"(load average {load})"),
               f"busy CPU seconds per rank (MFU without competing processes): {cpu}"]
+    if "compare" in r:
+        header = (f"{'configuration':22s} {'ranks x threads':>15s} {'step s':>7s} "
+                  f"{'update s':>8s} {'mfu_update':>10s} {'mfu_step':>8s} {'step / main':>11s}")
+        lines += ["", "same invocation, interleaved rounds, fastest step of each:", header]
+        for name, c in r["compare"].items():
+            lines.append(f"{name:22s} {c['ranks']:>9d} x {c['threads_per_rank']:<3d} "
+                         f"{c['step_seconds']:7.2f} {c['update_seconds']:8.2f} "
+                         f"{c['mfu_update']:10.3f} {c['mfu_step']:8.3f} "
+                         f"{c['step_seconds_over_main']:11.2f}")
     comm = r["communication"]
     if comm:
         lines.append(f"ZeRO-3 traffic: all-gather of all params {comm['all_gather']:.3f} s, "
@@ -388,6 +404,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default 2)")
     parser.add_argument("--profile", default="",
                         help="after the timed steps, profile one more; op tables to PROFILE.rankN")
+    parser.add_argument("--compare", default="",
+                        help="other configurations in the same run: ranks=N,dtype=NAME,...")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleaved rounds when comparing; each one's fastest step is kept")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before giving up")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -396,14 +416,42 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    passed = [f"--{k}={v}" for k, v in (("dtype", args.dtype), ("mu", args.mu),
+    configs = {"main": {"ranks": args.ranks, "dtype": args.dtype}}
+    for item in filter(None, args.compare.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("ranks", "dtype") or not value:
+            parser.error(f"--compare takes ranks=N or dtype=NAME items, got {item!r}")
+        configs[item] = {**configs["main"], key: int(value) if key == "ranks" else value}
+    best = {}
+    for _ in range(args.rounds if len(configs) > 1 else 1):
+        for name, config in configs.items():
+            report = launch_config(args, **config)
+            if name not in best or report["step_seconds"] < best[name]["step_seconds"]:
+                best[name] = report
+    report = best["main"]
+    if len(configs) > 1:
+        report["compare"] = {name: comparison(r, report) for name, r in best.items()}
+    print(json.dumps(report) if args.json else format_table(report))
+    return 0
+
+
+def launch_config(args, ranks: int, dtype: str) -> dict:
+    passed = [f"--{k}={v}" for k, v in (("dtype", dtype), ("mu", args.mu),
                                         ("threads", args.threads), ("micro", args.micro),
                                         ("chunk", args.chunk), ("steps", args.steps),
                                         ("profile", args.profile))]
-    report = launch_workers("grpo_ds.bench.step", args.ranks,
-                            passed + (["--quick"] if args.quick else []), args.timeout)
-    print(json.dumps(report) if args.json else format_table(report))
-    return 0
+    return launch_workers("grpo_ds.bench.step", ranks,
+                          passed + (["--quick"] if args.quick else []), args.timeout)
+
+
+def comparison(r: dict, main: dict) -> dict:
+    """One configuration's step against the main one's, measured in the same invocation."""
+    return {"ranks": r["ranks"], "dtype": r["dtype"], "threads_per_rank": r["threads_per_rank"],
+            "step_seconds": r["step_seconds"], "update_seconds": r["phases"]["update"]["seconds"],
+            "mfu_update": r["mfu_update"], "mfu_step": r["mfu_step"],
+            "step_seconds_over_main": r["step_seconds"] / main["step_seconds"],
+            "update_seconds_over_main": (r["phases"]["update"]["seconds"]
+                                         / main["phases"]["update"]["seconds"])}
 
 
 if __name__ == "__main__":
