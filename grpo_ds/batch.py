@@ -38,13 +38,13 @@ class RolloutBatch:
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids [N, T], mask [N, T]) padded on the left."""
-    width = max(len(s) for s in sequences)
+    """Token lists -> (ids [N, T], mask [N, T]) padded on the left (N may be 0)."""
+    width = max((len(s) for s in sequences), default=0)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, seq in enumerate(sequences):
         if seq:
-            ids[row, width - len(seq):] = torch.tensor(seq)
+            ids[row, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.long)
             mask[row, width - len(seq):] = 1
     return ids, mask
 

@@ -14,6 +14,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from grpo_ds import batch
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -74,16 +76,10 @@ class RolloutBackend(Protocol):
 def left_pad(
     prompt_ids: Sequence[Sequence[int]], pad_token_id: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids [N, Tp], mask [N, Tp]) left-padded to the longest prompt."""
+    """Prompts -> (ids [N, Tp], mask [N, Tp]) left-padded to the longest, on `device`."""
     if any(len(p) == 0 for p in prompt_ids):
         raise ValueError("every prompt needs at least one token")
-    width = max((len(p) for p in prompt_ids), default=0)
-    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for row, tokens in enumerate(prompt_ids):
-        if len(tokens):
-            ids[row, width - len(tokens):] = torch.as_tensor(list(tokens), dtype=torch.long)
-            mask[row, width - len(tokens):] = 1
+    ids, mask = batch.left_pad(list(prompt_ids), pad_token_id)
     return ids.to(device), mask.to(device)
 
 
