@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import torch
 
 from grpo_ds.checkpoint import STATE_FILE, latest_name
 from grpo_ds.export import consolidated_weights
+from tests.multirank import free_port
 
 pytestmark = pytest.mark.multirank
 
@@ -40,12 +40,6 @@ def settings(run_dir: Path, *extra: str) -> list[str]:
             "--grpo.beta=0.04", "--output.log_samples_every=0",
             f"--rewards.functions=grpo_ds.tasks.arithmetic:exact_answer,{REWARD}:length_reward",
             *extra]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Job:

@@ -6,20 +6,15 @@ A hang (ranks out of lockstep) shows up as the subprocess timeout, with the last
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
+from tests.multirank import free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "tests", "scripts", "rollout_zero3.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
