@@ -20,7 +20,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from grpo_ds import planner
+from grpo_ds import model_spec, planner
 from grpo_ds.planner import GIB, Budgets, MemoryPlan
 
 EXIT_FITS, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 2, 3
@@ -96,12 +96,12 @@ def default_world_size(cfg) -> int:
     return 2 if accelerator.device_name() == "cpu" else accelerator.device_count()
 
 
-def builtin_model_spec(cfg) -> planner.ModelSpec:
+def builtin_model_spec(cfg) -> model_spec.ModelSpec:
     """The embedded default's tiny Llama (grpo_ds/model.py build_tiny_llama), from cfg.model."""
     from grpo_ds.tasks.arithmetic import build_tokenizer
 
     m = cfg.model
-    return planner.llama_spec({
+    return model_spec.llama_spec({
         "vocab_size": len(build_tokenizer()), "hidden_size": m.hidden_size,
         "intermediate_size": 4 * m.hidden_size, "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_heads, "tie_word_embeddings": False}, "built-in tiny llama")
@@ -121,7 +121,7 @@ def make_plan(args, overrides: list[str]) -> MemoryPlan:
         flags["gather_budget_bytes"] = int(args.gather_budget * GIB)
     shape = dataclasses.replace(shape, **flags)
     model_path = args.model or cfg.model.path
-    spec = planner.load_model_spec(model_path) if model_path else builtin_model_spec(cfg)
+    spec = model_spec.load_model_spec(model_path) if model_path else builtin_model_spec(cfg)
     ds_config = load_ds_preset(args.ds_config or cfg.deepspeed.config)
     budgets = detect_budgets(args.device_mem, args.host_mem)
     return planner.plan_memory(spec, ds_config, world, args.nodes, shape, budgets)

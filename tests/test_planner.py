@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from grpo_ds import planner
+from grpo_ds import model_spec, planner
 from grpo_ds.plan_cli import main
 from grpo_ds.planner import Budgets, TrainingShape
 
@@ -44,7 +44,7 @@ def ds(**extra):
 
 
 def plan(zero_extra=None, shape=SHAPE, budgets=ROOMY, world=2, nodes=1):
-    spec = planner.llama_spec(SMALL, "small")
+    spec = model_spec.llama_spec(SMALL, "small")
     return planner.plan_memory(spec, ds(**(zero_extra or {})), world, nodes, shape, budgets)
 
 
@@ -66,13 +66,13 @@ def test_llama_param_count_equals_transformers(extra):
 
     config = {**SMALL, **extra}
     model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"}))
-    spec = planner.llama_spec(config)
+    spec = model_spec.llama_spec(config)
     assert spec.total_params == sum(p.numel() for p in model.parameters())
     assert spec.layer_params == sum(p.numel() for p in model.model.layers[0].parameters())
 
 
 def test_small_model_count_by_hand():
-    spec = planner.llama_spec(SMALL)
+    spec = model_spec.llama_spec(SMALL)
     assert spec.layer_params == 36_992 and spec.total_params == N and spec.largest_leaf == 64_000
 
 
@@ -84,7 +84,7 @@ def test_other_architectures_counted_on_meta_device(tmp_path):
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "tie_word_embeddings": True}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    spec = planner.load_model_spec(tmp_path)
+    spec = model_spec.load_model_spec(tmp_path)
     real = Qwen2ForCausalLM(Qwen2Config(**{k: v for k, v in config.items() if k != "model_type"}))
     assert spec.total_params == sum(p.numel() for p in real.parameters())
     assert spec.tie_word_embeddings and spec.head_params == 0 and spec.num_kv_heads == 2
@@ -196,7 +196,7 @@ def test_layer_groups_gather_two_neighbours():
 
 
 def test_held_for_backward_follows_reuse_distance():
-    spec = planner.llama_spec(SMALL)
+    spec = model_spec.llama_spec(SMALL)
     zero = planner.zero_settings(ds(stage3_max_reuse_distance=10**9))
     assert planner.held_for_backward_numel(spec, zero) == N  # the preset keeps everything
     zero = planner.zero_settings(ds(stage3_max_reuse_distance=1))
@@ -326,7 +326,7 @@ def test_held_for_backward_matches_deepspeed(tmp_path):
     """After the whole forward, ZeRO-3 still holds exactly the params the planner says it holds."""
     script = tmp_path / "held.py"
     script.write_text(ENGINE_SCRIPT)
-    spec = planner.llama_spec(SMALL)
+    spec = model_spec.llama_spec(SMALL)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])

@@ -109,10 +109,10 @@ def run_config(run: Run, world: int):
 
 def planned(run: Run, cfg, ds: dict, world: int) -> dict:
     """The planner's per-rank peak for this exact run (RAM per rank on CPU, device on GPU)."""
-    from grpo_ds import planner
+    from grpo_ds import model_spec, planner
     from grpo_ds.plan_cli import detect_budgets
 
-    spec = planner.llama_spec(llama_config(run.size).to_dict(), run.size)
+    spec = model_spec.llama_spec(llama_config(run.size).to_dict(), run.size)
     shape = planner.training_shape_from_config(cfg, world)
     plan = planner.plan_memory(spec, ds, world, 1, shape, detect_budgets(None, None))
     key = "ram_per_rank" if plan.budgets.device_is_host else "device_per_rank"
