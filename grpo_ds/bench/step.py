@@ -275,10 +275,12 @@ def profile_step(ctx: dict, path: str) -> None:
     """One more step with its update under torch.profiler; op tables to PATH.rankN."""
     from torch.profiler import ProfilerActivity, profile
 
-    prof = profile(activities=[ProfilerActivity.CPU])
+    prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
     run_step({**ctx, "update_profiler": prof}, 10**6)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=50,
-                                      max_name_column_width=60)
+    # by input shape: a [tokens, hidden] mul and a [rows, vocab] mul are different problems
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=60, max_name_column_width=50,
+        max_shapes_column_width=70)
     with open(f"{path}.rank{ctx['rank']}", "w") as f:
         f.write(table)
 
