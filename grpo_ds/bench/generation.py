@@ -49,7 +49,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from grpo_ds.bench.common import launch_workers
+from grpo_ds.bench.common import exit_worker, launch_workers
 
 EOS_ID, PAD_ID, EOS_SCALE = 1, 0, 100.0
 
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
-        return 0
+        exit_worker()
     passed = ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
     passed += ["--profile", os.path.abspath(args.profile)] if args.profile else []
     report = add_ratios(launch_workers("grpo_ds.bench.generation", 2, passed, args.timeout))

@@ -28,7 +28,14 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from grpo_ds.bench.common import device_peak, memory_status, restart_peaks, say, start_memory_guard
+from grpo_ds.bench.common import (
+    device_peak,
+    exit_worker,
+    memory_status,
+    restart_peaks,
+    say,
+    start_memory_guard,
+)
 
 GIB = 2**30
 GUARD_BYTES = 1 * GIB  # a rank exits when the machine has less than this available
@@ -348,6 +355,7 @@ def main(argv=None) -> int:
                        [int(c) for c in args.chunks.split(",")])
     else:
         worker(Run(**json.loads(args.run)), args.out)
+        exit_worker()
     return 0
 
 

@@ -42,7 +42,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from grpo_ds.bench.common import Clock, gather_floats, launch_workers, say
+from grpo_ds.bench.common import Clock, exit_worker, gather_floats, launch_workers, say
 
 
 @dataclass(frozen=True)
@@ -417,7 +417,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
-        return 0
+        exit_worker()
     configs = {"main": {"ranks": args.ranks, "dtype": args.dtype}}
     for item in filter(None, args.compare.split(",")):
         key, _, value = item.partition("=")

@@ -30,6 +30,12 @@ from grpo_ds.rollout.gather import GroupGatherer, gathered_bytes, plan_layers_pe
 LAYERED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
+def cache_kwarg(fn) -> str:
+    """The name `fn` takes the KV cache under: transformers 5.24 renamed past_key_values to cache
+    (the old name still works there, with a FutureWarning)."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
 class FullForward:
     """The HF model's own forward; collective-free once the weights are gathered."""
 
@@ -38,11 +44,13 @@ class FullForward:
     def __init__(self, model: nn.Module):
         self.model = model
         self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._cache = cache_kwarg(model.forward)
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         kwargs = {"logits_to_keep": 1} if self._keep_last else {}
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=cache, use_cache=True, **kwargs)
+                         position_ids=position_ids, use_cache=True, **{self._cache: cache},
+                         **kwargs)
         return out.logits[:, -1, :].float()
 
     def idle(self) -> None:
@@ -94,6 +102,7 @@ class LayeredForward:
                   + [list(self.base.norm.parameters()) + list(model.lm_head.parameters())])
         self.gatherer = GroupGatherer(groups, timings, prefetch=prefetch)
         self.collective = any(len(g) for g in self.gatherer.groups)
+        self._cache = cache_kwarg(layers[0].forward) if layers else "past_key_values"
 
     def _masks(self, hidden, attention_mask, position_ids, cache) -> dict:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
@@ -101,8 +110,8 @@ class LayeredForward:
         makers = {"full_attention": create_causal_mask,
                   "sliding_attention": create_sliding_window_causal_mask}
         return {kind: makers[kind](config=self.config, inputs_embeds=hidden,
-                                   attention_mask=attention_mask, past_key_values=cache,
-                                   position_ids=position_ids)
+                                   attention_mask=attention_mask, position_ids=position_ids,
+                                   **{cache_kwarg(makers[kind]): cache})
                 for kind in set(self.kinds)}
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
@@ -118,7 +127,7 @@ class LayeredForward:
                 for layer in chunk:
                     hidden = layer(hidden, attention_mask=masks[self.kinds[index]],
                                    position_embeddings=rope, position_ids=position_ids,
-                                   past_key_values=cache, use_cache=True)
+                                   use_cache=True, **{self._cache: cache})
                     index += 1
         with hold(len(self.layer_chunks) + 1):
             logits = self.model.lm_head(self.base.norm(hidden[:, -1:, :]))
