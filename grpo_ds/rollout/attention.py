@@ -68,7 +68,7 @@ def shared_prefix_decode(query, keys, values, prefix, attention_mask, scaling) -
     own_scores = q @ keys.transpose(-1, -2)  # [B, Hkv, rep, t]
     scores = torch.cat([prefix_scores, own_scores], dim=-1)
     keep = _keep_mask(attention_mask)
-    if keep is not None and not bool(keep.all()):  # all kept: unpadded prompts
+    if keep is not None:
         scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     prefix_probs, own_probs = probs.split([prefix_len, keys.shape[-2]], dim=-1)
