@@ -24,6 +24,7 @@ import inspect
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from grpo_ds.rollout.gather import GroupGatherer, gathered_bytes, plan_layers_per_group
 
@@ -103,16 +104,16 @@ class LayeredForward:
         self.gatherer = GroupGatherer(groups, timings, prefetch=prefetch)
         self.collective = any(len(g) for g in self.gatherer.groups)
         self._cache = cache_kwarg(layers[0].forward) if layers else "past_key_values"
-
-    def _masks(self, hidden, attention_mask, position_ids, cache) -> dict:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
         makers = {"full_attention": create_causal_mask,
                   "sliding_attention": create_sliding_window_causal_mask}
-        return {kind: makers[kind](config=self.config, inputs_embeds=hidden,
-                                   attention_mask=attention_mask, position_ids=position_ids,
-                                   **{cache_kwarg(makers[kind]): cache})
-                for kind in set(self.kinds)}
+        # per mask kind in use: (function, its cache argument's name), looked up once, not per step
+        self.mask_makers = {kind: (makers[kind], cache_kwarg(makers[kind]))
+                            for kind in set(self.kinds)}
+
+    def _masks(self, hidden, attention_mask, position_ids, cache) -> dict:
+        return {kind: make(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                           position_ids=position_ids, **{cache_name: cache})
+                for kind, (make, cache_name) in self.mask_makers.items()}
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         hold = self.gatherer.hold
