@@ -70,8 +70,8 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor,
     # u * total can round up to total itself; keep the target strictly below it.
     target = torch.minimum(target, torch.nextafter(total, torch.zeros_like(total)))
     j = torch.searchsorted(block_cdf, target.unsqueeze(-1), right=True).squeeze(-1)
-    before = torch.where(j > 0, block_cdf.gather(-1, (j - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1),
-                         torch.zeros_like(target))
+    # mass of the blocks before block j (0 for the first)
+    before = torch.nn.functional.pad(block_cdf, (1, 0)).gather(-1, j.unsqueeze(-1)).squeeze(-1)
     inner_cdf = torch.cumsum(blocks[torch.arange(rows, device=probs.device), j], -1,
                              dtype=torch.float64)  # [B, block]
     # the block's own float64 sum may differ from its cumsum in the last bit: stay below it
