@@ -88,9 +88,9 @@ def token_logprobs(
         logits = project(hidden_chunk)  # [chunk, V] in the model's dtype
         logprobs, entropy = logits_to_token_logprobs(
             logits, target_chunk, temperature, with_entropy=with_entropy)
-        # One output tensor: a checkpointed chunk with two outputs keeps the tensors recomputed
-        # for the output backward never reaches (entropy, a detached metric in the update) until
-        # the graph dies, so memory would grow with N*T again.
+        # One output tensor: a checkpointed chunk with two outputs kept the tensors recomputed for
+        # the output backward never reaches until the graph died (memory grew with N*T). Entropy
+        # now has no graph at all; the single output keeps that from coming back.
         return torch.stack([logprobs, entropy], dim=-1) if with_entropy else logprobs
 
     pieces = []
