@@ -55,6 +55,66 @@ def logits_to_token_logprobs(
     return logprobs, entropy
 
 
+class _LogprobsOfLogits(torch.autograd.Function):
+    """logits [n, V] -> (log-probs [n], entropy [n]): logits_to_token_logprobs' values, computed
+    in one [n, V] float32 buffer that ends as the softmax and, in backward, becomes the gradient.
+
+    d log p_t / d logit_v = (1[v == t] - p_v) / temperature, so backward needs only p: it scales
+    the saved probabilities in place instead of running autograd's chain of [n, V] ops (sub, exp,
+    mul, a zero-filled gather gradient, add), each a fresh [n, V] allocation. That matters beyond
+    the arithmetic: a [4096, 32k] float32 block is 0.5 GB, allocators hand blocks that big
+    out as fresh pages, and first touches of fresh pages cost more than the arithmetic on them.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target_ids, temperature, with_entropy):
+        work_dtype = torch.promote_types(logits.dtype, torch.float32)
+        top = logits.amax(dim=-1, keepdim=True).to(work_dtype)  # exact: a max needs no rounding
+        shifted = torch.empty(logits.shape, dtype=work_dtype, device=logits.device)
+        torch.sub(logits, top, out=shifted)  # float32 arithmetic; the logits stay as they are
+        if temperature != 1.0:
+            shifted.div_(temperature)
+        picked = shifted.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
+        entropy = None
+        if with_entropy:  # H = log s - sum_v e_v z_v / s, with z = shifted, e = exp(z), s = sum e
+            probs = torch.exp(shifted)
+            total = probs.sum(dim=-1)
+            entropy = total.log() - shifted.mul_(probs).sum(dim=-1) / total
+        else:
+            probs = shifted.exp_()
+            total = probs.sum(dim=-1)
+        probs.div_(total.unsqueeze(-1))
+        ctx.save_for_backward(probs, target_ids)
+        ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
+        ctx.mark_non_differentiable(*([entropy] if with_entropy else []))
+        return picked - total.log(), entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, _grad_entropy):
+        probs, target_ids = ctx.saved_tensors
+        # In place: the saved probabilities are this node's own buffer, used once (backward
+        # twice through the same graph needs retain_graph, which this graph cannot serve).
+        grad = probs.mul_(-grad_logprobs.unsqueeze(-1))
+        grad.scatter_add_(-1, target_ids.unsqueeze(-1), grad_logprobs.unsqueeze(-1))
+        if ctx.temperature != 1.0:
+            grad.div_(ctx.temperature)
+        return grad.to(ctx.logits_dtype), None, None, None
+
+
+def fused_token_logprobs(
+    logits: torch.Tensor,
+    target_ids: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """logits_to_token_logprobs for logits [n, V] with a backward that allocates nothing [n, V]
+    beyond the one buffer the forward keeps (see _LogprobsOfLogits)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _LogprobsOfLogits.apply(logits, target_ids, temperature, with_entropy)
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     project: Callable[[torch.Tensor], torch.Tensor],
@@ -86,7 +146,7 @@ def token_logprobs(
 
     def chunk_fn(hidden_chunk: torch.Tensor, target_chunk: torch.Tensor):
         logits = project(hidden_chunk)  # [chunk, V] in the model's dtype
-        logprobs, entropy = logits_to_token_logprobs(
+        logprobs, entropy = fused_token_logprobs(
             logits, target_chunk, temperature, with_entropy=with_entropy)
         # One output tensor: a checkpointed chunk with two outputs kept the tensors recomputed for
         # the output backward never reaches until the graph died (memory grew with N*T). Entropy

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from grpo_ds.logprobs import logits_to_token_logprobs, token_logprobs
+from grpo_ds.logprobs import fused_token_logprobs, logits_to_token_logprobs, token_logprobs
 
 H, V = 6, 50  # H != V so that the projection weight [V, H] is not mistaken for logits [.., V]
 
@@ -32,6 +32,68 @@ def test_reference_matches_torch_categorical():
     dist = torch.distributions.Categorical(logits=logits / 0.7)
     torch.testing.assert_close(logprobs, dist.log_prob(targets))
     torch.testing.assert_close(entropy, dist.entropy())
+
+
+def test_fused_gradient_by_hand():
+    # d log p_t / d logit_v = (1[v == t] - p_v) / temperature
+    # logits [0, 0, ln 2], target 2: p = [.25, .25, .5] -> gradient [-.25, -.25, .5]
+    logits = torch.tensor([[0.0, 0.0, math.log(2)]], dtype=torch.float64, requires_grad=True)
+    logprobs, _ = fused_token_logprobs(logits, torch.tensor([2]))
+    logprobs.sum().backward()
+    assert logits.grad[0].tolist() == pytest.approx([-0.25, -0.25, 0.5])
+    # temperature 2: p = [1, 1, sqrt 2] / (2 + sqrt 2); an upstream gradient of 3 scales it all
+    logits.grad = None
+    logprobs, _ = fused_token_logprobs(logits, torch.tensor([2]), temperature=2.0)
+    (3 * logprobs).sum().backward()
+    r2 = math.sqrt(2)
+    p = [1 / (2 + r2), 1 / (2 + r2), r2 / (2 + r2)]
+    assert logits.grad[0].tolist() == pytest.approx([3 * (0 - p[0]) / 2, 3 * (0 - p[1]) / 2,
+                                                     3 * (1 - p[2]) / 2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_fused_matches_autograd_through_the_reference(dtype, temperature, with_entropy):
+    torch.manual_seed(0)
+    logits = (torch.randn(9, V) * 4).to(dtype)
+    targets = torch.randint(0, V, (9,))
+    weights = torch.linspace(-1, 2, 9)  # an upstream gradient that differs per row
+    results = []
+    for fn in (logits_to_token_logprobs, fused_token_logprobs):
+        leaf = logits.clone().requires_grad_(True)
+        # the reference upcasts inside, so both see the same float32 (or float64) arithmetic
+        logprobs, entropy = fn(leaf, targets, temperature, with_entropy=with_entropy)
+        (weights.to(logprobs.dtype) * logprobs).sum().backward()
+        results.append((logprobs.detach(), entropy, leaf.grad))
+    (want, want_entropy, want_grad), (got, got_entropy, got_grad) = results
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert got.dtype == want.dtype and got_grad.dtype == dtype
+    # bf16 gradients: each rounded once from the same float32 value, or one bf16 step apart
+    grad_tol = 1e-2 if dtype == torch.bfloat16 else tol
+    torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=grad_tol, atol=grad_tol)
+    if with_entropy:
+        assert not got_entropy.requires_grad
+        torch.testing.assert_close(got_entropy, want_entropy, rtol=tol, atol=tol)
+    else:
+        assert got_entropy is None and want_entropy is None
+
+
+def test_fused_keeps_one_float32_block_for_backward():
+    # autograd through the reference keeps several [n, V] tensors; the fused function one
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(7, V, dtype=dtype, requires_grad=True)
+        saved = []
+
+        def pack(tensor):
+            if tensor.dim() == 2 and tensor.shape[-1] == V:
+                saved.append((tuple(tensor.shape), tensor.dtype))
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            fused_token_logprobs(logits, torch.randint(0, V, (7,)), with_entropy=True)
+        assert saved == [((7, V), torch.float32)]
 
 
 def setup(dtype, n=3, t=5, seed=0):
