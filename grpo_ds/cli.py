@@ -19,6 +19,7 @@ import sys
 from grpo_ds.checkpoint import CheckpointError, checkpoint_root, find_resume
 from grpo_ds.config import ConfigError, load_config, validate
 from grpo_ds.failures import rank_processes
+from grpo_ds.host_memory import HostAllocatorError, host_allocator_env
 
 
 def free_port() -> int:
@@ -59,14 +60,16 @@ def default_num_ranks() -> int:
     return max(1, accelerator.device_count())
 
 
-def launcher_env() -> dict[str, str]:
-    """The environment of the launcher and its ranks."""
+def launcher_env(host_allocator: str = "auto") -> tuple[dict[str, str], str]:
+    """The environment of the launcher and its ranks, and a line naming their host allocator."""
     from deepspeed.accelerator import get_accelerator
 
     env = dict(os.environ)
-    if "DS_ACCELERATOR" not in env and get_accelerator().device_name() == "cpu":
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if "DS_ACCELERATOR" not in env and on_cpu:
         env["DS_ACCELERATOR"] = "cpu"  # what we detected: spares every process the warning
-    return env
+    extra, note = host_allocator_env(host_allocator, on_cpu, env)
+    return {**env, **extra}, note
 
 
 def launcher_command(config: str | None, overrides: list[str], num_ranks: int, port: int) -> list[str]:
@@ -99,10 +102,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         # Checked here because a busy port otherwise fails inside every rank, after the imports.
         print(f"grpo-ds train: deepspeed.master_port: {problem}", file=sys.stderr)
         return 2
+    try:
+        env, allocator_note = launcher_env(cfg.deepspeed.host_allocator)
+    except HostAllocatorError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     command = launcher_command(args.config, overrides, num_ranks, port)
-    print(f"launching {num_ranks} ranks: {' '.join(command)}", flush=True)
+    print(f"launching {num_ranks} ranks: {' '.join(command)}\n{allocator_note}", flush=True)
     # Own session: a terminal's Ctrl-C reaches only this process, which forwards it.
-    process = subprocess.Popen(command, start_new_session=True, env=launcher_env())
+    process = subprocess.Popen(command, start_new_session=True, env=env)
 
     def forward(signum, _frame):
         # To the ranks only: they finish the step, save, and exit with 143, which the launcher

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from grpo_ds.host_memory import HOST_ALLOCATORS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -191,6 +193,8 @@ class DeepSpeedConfig:
     """Local ranks `grpo-ds train` launches: default every GPU, or 2 on a machine without GPUs."""
     master_port: int | None = None
     """Rendezvous port for `grpo-ds train` (default: a free one)."""
+    host_allocator: str = "auto"
+    """Ranks' malloc: `auto` (tcmalloc on the CPU accelerator if installed), `tcmalloc`, `system`."""
 
 
 @dataclass
@@ -347,6 +351,7 @@ CHOICES = {
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.std": ("sample", "population"),
     "deepspeed.reference_placement": ("cpu_offload", "sharded", "none"),
+    "deepspeed.host_allocator": HOST_ALLOCATORS,
 }
 
 POSITIVE = (

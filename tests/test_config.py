@@ -42,6 +42,8 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("--task.name=dataset", "data.train_path: required when task.name='dataset'"),
     ("--model.path=/nonexistent", "model.path='/nonexistent': no config.json there"),
     ("--deepspeed.config=missing.json", "deepspeed.config='missing.json': file not found"),
+    ("--deepspeed.host_allocator=jemalloc",
+     "deepspeed.host_allocator='jemalloc': must be one of auto, tcmalloc, system"),
     ("--rewards.weights=[1,2]", "rewards.weights has 2 entries but rewards.functions has 1"),
 ])
 def test_invalid_values_name_the_field_and_value(override, message):

@@ -18,13 +18,16 @@ import threading
 import time
 
 from grpo_ds.cli import free_port
+from grpo_ds.host_memory import expect_cpu_accelerator, host_allocator_env
 
 
-def launch_workers(module: str, ranks: int, args: list[str], timeout: float) -> dict:
+def launch_workers(module: str, ranks: int, args: list[str], timeout: float,
+                   host_allocator: str = "auto") -> dict:
     """Run `module --worker --out F *args` on `ranks` local ranks; rank 0's report from F.
 
     Progress lines starting with "[bench]" are echoed to stderr as they come. The launcher and
-    its ranks run in their own process group, killed together if they overstay `timeout`.
+    its ranks run in their own process group, killed together if they overstay `timeout`. The
+    ranks get the host allocator `grpo-ds train` would give them (host_memory.py).
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
@@ -35,6 +38,8 @@ def launch_workers(module: str, ranks: int, args: list[str], timeout: float) -> 
         # No deepspeed import here: its accelerator detection logs to stdout, and --json output
         # must stay one line. The ranks detect the accelerator themselves.
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        extra, _ = host_allocator_env(host_allocator, expect_cpu_accelerator(env), env)
+        env.update(extra)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True, env=env)
         timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL))

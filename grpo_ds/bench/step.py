@@ -1,14 +1,16 @@
 """Benchmark: one GRPO step, phase by phase: seconds, tokens/s, MFU and peak memory per rank.
 
     grpo-ds bench step [--json] [--ranks N] [--quick] [--dtype float32|bfloat16]
-                       [--compare ranks=1,dtype=bfloat16,...] [--rounds K]
+                       [--allocator auto|tcmalloc|system]
+                       [--compare ranks=1,dtype=bfloat16,allocator=system,...] [--rounds K]
 
 starts `deepspeed --num_gpus N --module grpo_ds.bench.step --worker ...` and prints a table (or,
 with --json, one JSON object on one line with `mfu_update` and `mfu_step` among its keys).
 
 --compare runs other configurations in the same invocation, each a fresh launch differing from
 the main one in one setting (ranks=1: the same workload on one rank with all the cores;
-dtype=bfloat16), in interleaved rounds (--rounds, default 2; each configuration's fastest step is
+dtype=bfloat16; allocator=system: glibc's malloc instead of tcmalloc, see host_memory.py), in
+interleaved rounds (--rounds, default 2; each configuration's fastest step is
 kept), and reports their step times as ratios to the main configuration's: on a noisy machine a
 ratio is only meaningful between runs minutes apart. The JSON then also has "compare".
 
@@ -305,6 +307,7 @@ def worker(args) -> None:
 
     from grpo_ds.bench.mfu import peak_all_ranks
     from grpo_ds.engine import init_distributed
+    from grpo_ds.host_memory import active_host_allocator
     from grpo_ds.metrics import peak_memory_metrics
     from grpo_ds.model import DTYPES
 
@@ -332,6 +335,7 @@ def worker(args) -> None:
     memory = peak_memory_metrics(ctx["policy"].device)
     comm = communication(ctx, params, args) if ctx["world"] > 1 else {}
     extra = {"params": params, "threads_per_rank": torch.get_num_threads(),
+             "host_allocator": active_host_allocator(),
              "threads_set_by_init_distributed": threads_by_launcher,
              "local_size_env": os.environ.get("LOCAL_SIZE"), "cpu_count": os.cpu_count(),
              "logprob_chunk_size": ctx["cfg"].train.logprob_chunk_size,
@@ -356,6 +360,7 @@ def format_table(r: dict) -> str:
         (f"GRPO step benchmark: {seqs} sequences ({w['prompts']} prompts x G={w['group_size']}) "
          f"of {w['prompt_len']}+{w['new_tokens']} tokens, {r['params_millions']}M-param Llama, "
          f"{r['dtype']}, ZeRO-3, {r['ranks']} rank(s) x {r['threads_per_rank']} thread(s), "
+         f"{r['host_allocator']} malloc, "
          f"mu={r['mu']}, micro-batch {w['micro_batch']}"),
         (f"peak (square matmul, all ranks at once): {peaks} = "
          f"{r['peak_flops_aggregate'] / 1e9:.1f} GFLOP/s"),
@@ -375,11 +380,12 @@ def format_table(r: dict) -> str:
                f"(load average {load})"),
               f"busy CPU seconds per rank (MFU without competing processes): {cpu}"]
     if "compare" in r:
-        header = (f"{'configuration':22s} {'ranks x threads':>15s} {'step s':>7s} "
+        header = (f"{'configuration':22s} {'ranks x threads':>15s} {'malloc':>8s} {'step s':>7s} "
                   f"{'update s':>8s} {'mfu_update':>10s} {'mfu_step':>8s} {'step / main':>11s}")
         lines += ["", "same invocation, interleaved rounds, fastest step of each:", header]
         for name, c in r["compare"].items():
             lines.append(f"{name:22s} {c['ranks']:>9d} x {c['threads_per_rank']:<3d} "
+                         f"{c['host_allocator']:>8s} "
                          f"{c['step_seconds']:7.2f} {c['update_seconds']:8.2f} "
                          f"{c['mfu_update']:10.3f} {c['mfu_step']:8.3f} "
                          f"{c['step_seconds_over_main']:11.2f}")
@@ -406,8 +412,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default 2)")
     parser.add_argument("--profile", default="",
                         help="after the timed steps, profile one more; op tables to PROFILE.rankN")
+    parser.add_argument("--allocator", default="auto", choices=["auto", "tcmalloc", "system"],
+                        help="the ranks' host allocator, as deepspeed.host_allocator (default auto)")
     parser.add_argument("--compare", default="",
-                        help="other configurations in the same run: ranks=N,dtype=NAME,...")
+                        help="other configurations in the same run: ranks=N,dtype=NAME,"
+                             "allocator=NAME,...")
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleaved rounds when comparing; each one's fastest step is kept")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before giving up")
@@ -418,11 +427,11 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         exit_worker()
-    configs = {"main": {"ranks": args.ranks, "dtype": args.dtype}}
+    configs = {"main": {"ranks": args.ranks, "dtype": args.dtype, "allocator": args.allocator}}
     for item in filter(None, args.compare.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("ranks", "dtype") or not value:
-            parser.error(f"--compare takes ranks=N or dtype=NAME items, got {item!r}")
+        if key not in ("ranks", "dtype", "allocator") or not value:
+            parser.error(f"--compare takes ranks=N, dtype=NAME or allocator=NAME items, got {item!r}")
         configs[item] = {**configs["main"], key: int(value) if key == "ranks" else value}
     best = {}
     for _ in range(args.rounds if len(configs) > 1 else 1):
@@ -437,18 +446,19 @@ def main(argv=None) -> int:
     return 0
 
 
-def launch_config(args, ranks: int, dtype: str) -> dict:
+def launch_config(args, ranks: int, dtype: str, allocator: str) -> dict:
     passed = [f"--{k}={v}" for k, v in (("dtype", dtype), ("mu", args.mu),
                                         ("threads", args.threads), ("micro", args.micro),
                                         ("chunk", args.chunk), ("steps", args.steps),
                                         ("profile", args.profile))]
     return launch_workers("grpo_ds.bench.step", ranks,
-                          passed + (["--quick"] if args.quick else []), args.timeout)
+                          passed + (["--quick"] if args.quick else []), args.timeout, allocator)
 
 
 def comparison(r: dict, main: dict) -> dict:
     """One configuration's step against the main one's, measured in the same invocation."""
     return {"ranks": r["ranks"], "dtype": r["dtype"], "threads_per_rank": r["threads_per_rank"],
+            "host_allocator": r["host_allocator"],
             "step_seconds": r["step_seconds"], "update_seconds": r["phases"]["update"]["seconds"],
             "mfu_update": r["mfu_update"], "mfu_step": r["mfu_step"],
             "step_seconds_over_main": r["step_seconds"] / main["step_seconds"],
