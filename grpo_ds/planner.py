@@ -78,11 +78,14 @@ RUNTIME_HOST_BYTES = 470 * 2**20
 # the foreach path of CUDA makes only the sqrt (not measured here). DeepSpeedCPUAdam: in place.
 ADAM_TEMP_BYTES_CPU = 8
 ADAM_TEMP_BYTES_FOREACH = 4
-# CPU only: glibc keeps the freed pieces of gathered weights in its heap (blocks below its 32 MiB
-# mmap ceiling are not returned to the OS), and the step's large fp32 blocks are fresh mappings
-# that cannot reuse them. Measured (grpo-ds bench memory, 25M-300M, every preset): the resting RSS
-# after the first step stays 1.5-2.0 x the largest set of gathered weights above the clean one.
-# MALLOC_MMAP_THRESHOLD_=65536 removes it (and costs 25-35% step time here).
+# CPU only: the host allocator keeps freed memory resident. glibc keeps the freed pieces of
+# gathered weights in its heap (blocks below its 32 MiB mmap ceiling are not returned to the OS),
+# and the step's large fp32 blocks are fresh mappings that cannot reuse them. Measured (grpo-ds
+# bench memory, 25M-300M, every preset): the resting RSS after the first step stays 1.5-2.0 x
+# the largest set of gathered weights above the clean one. tcmalloc (the ranks' default on CPU,
+# host_memory.py) caches freed spans instead; with this item the plan was 0.92-1.10 of its
+# measured peak (zero3 and zero3_offload_optimizer, 24M and 297M). MALLOC_MMAP_THRESHOLD_=65536
+# (glibc returning every freed block) removes it.
 HEAP_RETAINED_GATHERS = 1.75
 RUNTIME_DEVICE_BYTES = 512 * 2**20  # accelerator context + allocator slack; typical CUDA, not measured
 
@@ -534,10 +537,10 @@ def check_budgets(components: list, t: Totals, budgets: Budgets, ranks_per_node:
 
 
 def heap_kept_component(components: list) -> Component:
-    """CPU host with glibc: freed gathered weights stay resident (HEAP_RETAINED_GATHERS)."""
+    """CPU host: freed gathered weights stay resident in the allocator (HEAP_RETAINED_GATHERS)."""
     gathered = max(c.device for c in components
                    if c.name in ("generation gathered weights", "update gathered params"))
-    return Component("heap kept by glibc", "persistent", host=int(HEAP_RETAINED_GATHERS * gathered),
+    return Component("heap kept by the allocator", "persistent", host=int(HEAP_RETAINED_GATHERS * gathered),
                      note=f"{HEAP_RETAINED_GATHERS} x the largest gathered set, freed but resident")
 
 

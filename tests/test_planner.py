@@ -234,7 +234,7 @@ def test_cpu_only_uses_one_ram_pool_per_node():
     p = plan(budgets=Budgets(device_bytes=budget, host_bytes=budget, device_is_host=True))
     g = p.grpo
     # device states 202,048 + 202,048 + 1,212,288 + reduce 2,000, no accelerator context;
-    # host: reference 202,048 + runtime + heap kept by glibc 1.75 x the larger gathered set
+    # host: reference 202,048 + runtime + heap kept by the allocator 1.75 x the larger gathered set
     # (generation's 404,096) = 707,168; + generation 709,248
     assert g.ram_per_rank == (1_618_384 + 202_048 + planner.RUNTIME_HOST_BYTES + 707_168
                               + 709_248)

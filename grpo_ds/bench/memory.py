@@ -13,7 +13,8 @@ planner's figure beside the measured one is its `ram_per_rank` (device + host); 
 
 Workload (fixed): 2 prompts per rank of 32 random tokens x G = 4, exactly 16 new tokens each (EOS
 is outside the vocabulary), micro-batches of 4, 2 steps, bfloat16, beta = 0.04 (reference
-cpu_offload), full gather for generation, log-prob chunk 4096, glibc's default allocator.
+cpu_offload), full gather for generation, log-prob chunk 4096, the host allocator training
+would use (tcmalloc on CPU when installed; --malloc mmap: glibc with MALLOC_MMAP_THRESHOLD_).
 Models: Llama-style from a config, random init (memory_worker.SIZES). Sections:
   presets      each ds_configs preset x model size: planned vs measured, GRPO vs with critic
   placement    reference cpu_offload / sharded / none: the RSS the reference adds per rank
@@ -292,7 +293,8 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-preset", default="zero3_nvme")
     parser.add_argument("--nvme-path", default="", help="swap folder (default: a temp dir)")
     parser.add_argument("--malloc", default="default", choices=["default", "mmap"],
-                        help="mmap: MALLOC_MMAP_THRESHOLD_=65536, so RSS follows live memory")
+                        help="default: the allocator training uses (tcmalloc when installed); "
+                             "mmap: glibc, MALLOC_MMAP_THRESHOLD_=65536, RSS follows live memory")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per launch")
     args = parser.parse_args(argv)
     # DeepSpeed logs to stdout (e.g. "Setting accelerator to CPU"); keep stdout for the report.
