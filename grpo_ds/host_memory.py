@@ -70,7 +70,7 @@ def expect_cpu_accelerator(env: dict[str, str]) -> bool:
 
 
 def host_allocator_env(choice: str, cpu_accelerator: bool, env: dict[str, str],
-                       find=find_tcmalloc) -> tuple[dict[str, str], str]:
+                       find=None) -> tuple[dict[str, str], str]:
     """(variables to add to the ranks' environment, a line saying what the ranks will use)."""
     if choice not in HOST_ALLOCATORS:
         raise HostAllocatorError(f"deepspeed.host_allocator={choice!r}: choose one of "
@@ -82,7 +82,7 @@ def host_allocator_env(choice: str, cpu_accelerator: bool, env: dict[str, str],
         return {}, f"host allocator: as set by {users}={env[users]!r}"
     if choice == "auto" and not cpu_accelerator:
         return {}, "host allocator: glibc malloc (activations live on the accelerator)"
-    library = find()
+    library = (find or find_tcmalloc)()
     if library is None:
         if choice == "tcmalloc":
             raise HostAllocatorError(

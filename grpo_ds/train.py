@@ -18,6 +18,7 @@ from grpo_ds.checkpoint import Checkpointer, RunState, checkpoint_root, prepare_
 from grpo_ds.config import Config, deepspeed_config, load_config, validate
 from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
+from grpo_ds.host_memory import active_host_allocator
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
 from grpo_ds.rewards import load_reward_function
@@ -129,7 +130,7 @@ def train(cfg: Config) -> int:
     summary = {"accuracy_before": result["accuracy_before"],
                "accuracy_after": result["accuracy_after"], "steps": cfg.train.steps,
                "wall_seconds": round(time.time() - start, 1), "world_size": world,
-               "eval_curve": result["eval_curve"], "warmup_curve": warmup_curve}
+               "host_allocator": active_host_allocator(), "eval_curve": result["eval_curve"], "warmup_curve": warmup_curve}
     if rank == 0:
         summary_path(cfg.output.run_dir).write_text(json.dumps(summary, indent=2))
         logger.print(json.dumps({k: v for k, v in summary.items()

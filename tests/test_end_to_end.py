@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+from grpo_ds.host_memory import find_tcmalloc
+
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 
 
@@ -21,6 +23,9 @@ def test_default_run_lifts_accuracy_above_the_supervised_plateau(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["world_size"] == 2
+    # The launcher gave the ranks tcmalloc where it is installed (CI installs it), and said so.
+    assert summary["host_allocator"] == ("tcmalloc" if find_tcmalloc() else "glibc")
+    assert "host allocator: " in result.stdout
     # The warm-up really plateaued: its last evaluations did not improve on the best by > 1 pt.
     curve = [point["accuracy"] for point in summary["warmup_curve"]]
     assert max(curve[-3:]) <= max(curve[:-3]) + 0.01 + 1e-9

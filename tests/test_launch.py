@@ -113,6 +113,18 @@ def test_busy_master_port_fails_fast_naming_the_port(busy_port):
     assert time.time() - start < 30  # before any rank starts: no hang, no long traceback
 
 
+def test_tcmalloc_asked_for_and_missing_fails_before_launch(monkeypatch, capsys):
+    from grpo_ds import cli, host_memory
+
+    monkeypatch.setattr(host_memory, "find_tcmalloc", lambda: None)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    started = []
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: started.append(a))
+    assert cli.main(["train", "--deepspeed.host_allocator=tcmalloc"]) == 2
+    assert not started
+    assert "deepspeed.host_allocator=tcmalloc: libtcmalloc not found" in capsys.readouterr().err
+
+
 def test_busy_master_port_fails_node_0_of_a_multinode_launch(busy_port):
     env = {"NNODES": "2", "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "NPROC_PER_NODE": "1",
            "MASTER_PORT": str(busy_port)}
