@@ -381,14 +381,15 @@ def format_table(r: dict) -> str:
               f"busy CPU seconds per rank (MFU without competing processes): {cpu}"]
     if "compare" in r:
         header = (f"{'configuration':22s} {'ranks x threads':>15s} {'malloc':>8s} {'step s':>7s} "
-                  f"{'update s':>8s} {'mfu_update':>10s} {'mfu_step':>8s} {'step / main':>11s}")
+                  f"{'update s':>8s} {'mfu_update':>10s} {'mfu_step':>8s} {'step / main':>11s} "
+                  f"{'peak GiB':>8s}")
         lines += ["", "same invocation, interleaved rounds, fastest step of each:", header]
         for name, c in r["compare"].items():
             lines.append(f"{name:22s} {c['ranks']:>9d} x {c['threads_per_rank']:<3d} "
                          f"{c['host_allocator']:>8s} "
                          f"{c['step_seconds']:7.2f} {c['update_seconds']:8.2f} "
                          f"{c['mfu_update']:10.3f} {c['mfu_step']:8.3f} "
-                         f"{c['step_seconds_over_main']:11.2f}")
+                         f"{c['step_seconds_over_main']:11.2f} {c['peak_memory_gib']:8.2f}")
     comm = r["communication"]
     if comm:
         lines.append(f"ZeRO-3 traffic: all-gather of all params {comm['all_gather']:.3f} s, "
@@ -460,6 +461,7 @@ def comparison(r: dict, main: dict) -> dict:
     return {"ranks": r["ranks"], "dtype": r["dtype"], "threads_per_rank": r["threads_per_rank"],
             "host_allocator": r["host_allocator"],
             "step_seconds": r["step_seconds"], "update_seconds": r["phases"]["update"]["seconds"],
+            "peak_memory_gib": max(r["peak_memory_bytes_per_rank"]) / 2**30,
             "mfu_update": r["mfu_update"], "mfu_step": r["mfu_step"],
             "step_seconds_over_main": r["step_seconds"] / main["step_seconds"],
             "update_seconds_over_main": (r["phases"]["update"]["seconds"]
