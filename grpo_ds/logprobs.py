@@ -75,19 +75,17 @@ class _LogprobsOfLogits(torch.autograd.Function):
         if temperature != 1.0:
             shifted.div_(temperature)
         picked = shifted.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1)
-        entropy = None
-        if with_entropy:  # H = log s - sum_v e_v z_v / s, with z = shifted, e = exp(z), s = sum e
-            probs = torch.exp(shifted)
-            total = probs.sum(dim=-1)
-            entropy = total.log() - shifted.mul_(probs).sum(dim=-1) / total
-        else:
-            probs = shifted.exp_()
-            total = probs.sum(dim=-1)
+        # H = log s - sum_v e_v z_v / s, with z = shifted, e = exp(z), s = sum e: z is still
+        # needed after exp for the entropy, so only then does exp get a buffer of its own
+        probs = torch.exp(shifted) if with_entropy else shifted.exp_()
+        total = probs.sum(dim=-1)
+        log_total = total.log()
+        entropy = log_total - shifted.mul_(probs).sum(dim=-1) / total if with_entropy else None
         probs.div_(total.unsqueeze(-1))
         ctx.save_for_backward(probs, target_ids)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
         ctx.mark_non_differentiable(*([entropy] if with_entropy else []))
-        return picked - total.log(), entropy
+        return picked - log_total, entropy
 
     @staticmethod
     def backward(ctx, grad_logprobs, _grad_entropy):

@@ -130,7 +130,8 @@ def train(cfg: Config) -> int:
     summary = {"accuracy_before": result["accuracy_before"],
                "accuracy_after": result["accuracy_after"], "steps": cfg.train.steps,
                "wall_seconds": round(time.time() - start, 1), "world_size": world,
-               "host_allocator": active_host_allocator(), "eval_curve": result["eval_curve"], "warmup_curve": warmup_curve}
+               "host_allocator": active_host_allocator(),
+               "eval_curve": result["eval_curve"], "warmup_curve": warmup_curve}
     if rank == 0:
         summary_path(cfg.output.run_dir).write_text(json.dumps(summary, indent=2))
         logger.print(json.dumps({k: v for k, v in summary.items()

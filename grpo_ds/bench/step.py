@@ -45,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from grpo_ds.bench.common import Clock, exit_worker, gather_floats, launch_workers, say
+from grpo_ds.host_memory import HOST_ALLOCATORS
 
 
 @dataclass(frozen=True)
@@ -413,7 +414,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default 2)")
     parser.add_argument("--profile", default="",
                         help="after the timed steps, profile one more; op tables to PROFILE.rankN")
-    parser.add_argument("--allocator", default="auto", choices=["auto", "tcmalloc", "system"],
+    parser.add_argument("--allocator", default="auto", choices=HOST_ALLOCATORS,
                         help="the ranks' host allocator, as deepspeed.host_allocator (default auto)")
     parser.add_argument("--compare", default="",
                         help="other configurations in the same run: ranks=N,dtype=NAME,"
