@@ -27,6 +27,9 @@ class ConfigError(ValueError):
     """A config value is invalid. The message names the field and the value."""
 
 
+FUSED_LAYER_CHOICES = ("auto", "on", "off")
+
+
 @dataclass
 class ModelConfig:
     path: str | None = None
@@ -35,6 +38,9 @@ class ModelConfig:
     """Training dtype: float32 or bfloat16 (fp16 is unreliable on CPU and not offered)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
+    fused_layers: str = "auto"
+    """Decoder layers with fused matmuls, RMSNorm and rotary (grpo_ds/fused_layers.py): auto
+    (Llama, Mistral, Qwen2; HF's layers for other models), on (error if unsupported), off."""
     hidden_size: int = 128
     """Built-in model only: width of the Llama built for the default task."""
     num_layers: int = 2
@@ -352,6 +358,7 @@ CHOICES = {
     "grpo.std": ("sample", "population"),
     "deepspeed.reference_placement": ("cpu_offload", "sharded", "none"),
     "deepspeed.host_allocator": HOST_ALLOCATORS,
+    "model.fused_layers": FUSED_LAYER_CHOICES,
 }
 
 POSITIVE = (

@@ -18,6 +18,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
 
+from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.model import CausalLMWithLogprobs, load_pretrained
 
 
@@ -107,7 +108,8 @@ def load_sharded(path: str, ds_config: dict, dtype: str):
 
 
 def build_policy(lm: torch.nn.Module, ds_config: dict, chunk_size: int, gradient_checkpointing: bool):
-    """Wrap the HF model and hand it to DeepSpeed; returns the engine (optimizer inside)."""
+    """Wrap the HF model and hand it to DeepSpeed; returns the engine (optimizer inside).
+    Fused layers (apply_fused_layers) must be applied to `lm` before: initialize sets the hooks."""
     # from_pretrained returns a model in eval mode, where HF skips gradient checkpointing
     # (it checks self.training): the policy trains, so it is in train mode from here on.
     lm.train()
@@ -140,19 +142,22 @@ def reference_ds_config(policy_ds: dict, placement: str) -> dict:
     }
 
 
-def build_reference(path: str, policy_ds: dict, placement: str, dtype: str, chunk_size: int):
+def build_reference(path: str, policy_ds: dict, placement: str, dtype: str, chunk_size: int,
+                    fused_layers: str = "off"):
     """The frozen reference: a separate engine, never stepped; None when placement is 'none'."""
     if placement == "none":
         return None
     ds_config = reference_ds_config(policy_ds, placement)
     lm, _ = load_sharded(path, ds_config, dtype)
-    return reference_engine(lm, ds_config, chunk_size)
+    return reference_engine(lm, ds_config, chunk_size, fused_layers)
 
 
-def reference_engine(lm: torch.nn.Module, ds_config: dict, chunk_size: int):
+def reference_engine(lm: torch.nn.Module, ds_config: dict, chunk_size: int,
+                     fused_layers: str = "off"):
     """Freeze `lm` (built or loaded under `ds_config`, a reference_ds_config) and wrap it as the
     reference engine. The memory benchmark builds `lm` in zero.Init directly, without a file."""
     lm.requires_grad_(False)
+    apply_fused_layers(lm, fused_layers)
     module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)
     engine, *_ = deepspeed.initialize(model=module, config=ds_config)
     engine.eval()

@@ -18,6 +18,7 @@ from grpo_ds.checkpoint import Checkpointer, RunState, checkpoint_root, prepare_
 from grpo_ds.config import Config, deepspeed_config, load_config, validate
 from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
+from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.host_memory import active_host_allocator
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
@@ -107,6 +108,7 @@ def train(cfg: Config) -> int:
     if state is not None:
         ds = prepare_resume(resume_from, state, ds, logger.print)
     lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype)
+    logger.print(apply_fused_layers(lm, cfg.model.fused_layers))
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, cfg.model.gradient_checkpointing)
     checkpointer = Checkpointer(policy, checkpoint_root(cfg), cfg.checkpoint.keep_last, source,
                                 logger.print)
@@ -118,7 +120,8 @@ def train(cfg: Config) -> int:
     reference = None
     if cfg.grpo.beta > 0:
         reference = build_reference(model_path, ds, cfg.deepspeed.reference_placement,
-                                    cfg.model.dtype, cfg.train.logprob_chunk_size)
+                                    cfg.model.dtype, cfg.train.logprob_chunk_size,
+                                    cfg.model.fused_layers)
 
     result = run_grpo(cfg, plan, policy, reference, tokenizer, source, reward_fns,
                       reward_names, logger, state, checkpointer)

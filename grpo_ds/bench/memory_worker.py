@@ -161,19 +161,22 @@ class Peaks:
         return max(self.host.values())
 
 
-def build_engines(run: Run, ds: dict, peaks: Peaks) -> dict:
-    """Policy and reference built in zero.Init from the size's config; RSS around the reference."""
+def build_engines(run: Run, ds: dict, peaks: Peaks, fused_layers: str) -> dict:
+    """Policy and reference built in zero.Init from the size's config; RSS around the reference.
+    Decoder layers as training has them (model.fused_layers)."""
     import deepspeed
     import torch
     from transformers import LlamaForCausalLM
 
     from grpo_ds.engine import build_policy, reference_ds_config, reference_engine
+    from grpo_ds.fused_layers import apply_fused_layers
 
     config = llama_config(run.size)
     with peaks.phase("policy_build"):
         torch.manual_seed(0)
         with deepspeed.zero.Init(config_dict_or_path=ds):
             lm = LlamaForCausalLM(config)
+        apply_fused_layers(lm, fused_layers)
         policy = build_policy(lm, ds, run.chunk, run.checkpointing)
     before, reference = memory_status()["rss"], None
     if run.reference != "none":
@@ -182,7 +185,7 @@ def build_engines(run: Run, ds: dict, peaks: Peaks) -> dict:
             torch.manual_seed(0)  # the policy's weights
             with deepspeed.zero.Init(config_dict_or_path=ref_ds):
                 ref_lm = LlamaForCausalLM(config)
-            reference = reference_engine(ref_lm, ref_ds, run.chunk)
+            reference = reference_engine(ref_lm, ref_ds, run.chunk, fused_layers)
     return {"config": config, "policy": policy, "reference": reference,
             "reference_rss": {"before_build": before, "after_build": memory_status()["rss"]}}
 
@@ -257,7 +260,7 @@ def setup(run: Run, peaks: Peaks) -> dict:
     cfg, plan, ds = run_config(run, world)
     ctx = {"cfg": cfg, "plan": plan, "ds": ds, "rank": rank, "world": world,
            "planned": planned(run, cfg, ds, world) if rank == 0 else None}
-    ctx["engines"] = build_engines(run, ds, peaks)
+    ctx["engines"] = build_engines(run, ds, peaks, cfg.model.fused_layers)
     ctx["tokenizer"] = tokenizer = build_tokenizer(SIZES[run.size][0])  # EOS outside the vocab
     ctx["rollout"] = HybridRollout(ctx["engines"]["policy"].module.lm, tokenizer.pad_token_id,
                                    gather=run.gather, tokenizer=tokenizer)

@@ -1,15 +1,17 @@
 """Benchmark: one GRPO step, phase by phase: seconds, tokens/s, MFU and peak memory per rank.
 
     grpo-ds bench step [--json] [--ranks N] [--quick] [--dtype float32|bfloat16]
-                       [--allocator auto|tcmalloc|system]
-                       [--compare ranks=1,dtype=bfloat16,allocator=system,...] [--rounds K]
+                       [--allocator auto|tcmalloc|system] [--fused-layers auto|on|off]
+                       [--compare ranks=1,dtype=bfloat16,allocator=system,fused_layers=off,...]
+                       [--rounds K]
 
 starts `deepspeed --num_gpus N --module grpo_ds.bench.step --worker ...` and prints a table (or,
 with --json, one JSON object on one line with `mfu_update` and `mfu_step` among its keys).
 
 --compare runs other configurations in the same invocation, each a fresh launch differing from
 the main one in one setting (ranks=1: the same workload on one rank with all the cores;
-dtype=bfloat16; allocator=system: glibc's malloc instead of tcmalloc, see host_memory.py), in
+dtype=bfloat16; allocator=system: glibc's malloc instead of tcmalloc, see host_memory.py;
+fused_layers=off: HF's decoder layers instead of grpo_ds/fused_layers.py's), in
 interleaved rounds (--rounds, default 2; each configuration's fastest step is
 kept), and reports their step times as ratios to the main configuration's: on a noisy machine a
 ratio is only meaningful between runs minutes apart. The JSON then also has "compare".
@@ -45,6 +47,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from grpo_ds.bench.common import Clock, exit_worker, gather_floats, launch_workers, say
+from grpo_ds.config import FUSED_LAYER_CHOICES
 from grpo_ds.host_memory import HOST_ALLOCATORS
 
 
@@ -105,6 +108,7 @@ def overrides(w: Workload, args) -> list[str]:
     return [f"--train.prompts_per_step={w.prompts}", f"--rollout.group_size={w.group_size}",
             f"--rollout.max_new_tokens={w.new_tokens}", f"--train.micro_batch_size={w.micro_batch}",
             "--grpo.beta=0.04", f"--grpo.num_iterations={args.mu}", f"--model.dtype={args.dtype}",
+            f"--model.fused_layers={args.fused_layers}",
             "--rollout.gather=full", "--deepspeed.config=ds_configs/zero3.json",
             "--deepspeed.reference_placement=cpu_offload"]
 
@@ -117,8 +121,11 @@ class TimedEngine:
         self.seconds = {"forward": 0.0, "backward": 0.0, "optimizer_step": 0.0}
 
     def _timed(self, key, fn, *args, **kwargs):
+        import torch
+
         start = time.perf_counter()
-        result = fn(*args, **kwargs)
+        with torch.profiler.record_function(f"update/{key}"):  # a range in --profile's trace
+            result = fn(*args, **kwargs)
         self.seconds[key] += time.perf_counter() - start
         return result
 
@@ -188,6 +195,7 @@ def setup(args, w: Workload) -> dict:
 
     from grpo_ds.config import deepspeed_config, load_config, validate
     from grpo_ds.engine import build_policy, build_reference
+    from grpo_ds.fused_layers import apply_fused_layers
     from grpo_ds.rollout import HybridRollout
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -203,16 +211,18 @@ def setup(args, w: Workload) -> dict:
         lm.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     dist.barrier()
+    layers_note = apply_fused_layers(lm, cfg.model.fused_layers)
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, gradient_checkpointing=False)
     reference = build_reference(model_dir, ds, cfg.deepspeed.reference_placement, cfg.model.dtype,
-                                cfg.train.logprob_chunk_size)
+                                cfg.train.logprob_chunk_size, cfg.model.fused_layers)
     rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                             gather=cfg.rollout.gather, tokenizer=tokenizer)
     g = torch.Generator().manual_seed(1000 + rank)
     ids = torch.randint(1, w.vocab, (plan.prompts_per_rank, w.prompt_len), generator=g).tolist()
     rows = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
     return {"cfg": cfg, "plan": plan, "rank": rank, "world": world, "policy": policy,
-            "reference": reference, "rollout": rollout, "tokenizer": tokenizer, "rows": rows}
+            "reference": reference, "rollout": rollout, "tokenizer": tokenizer, "rows": rows,
+            "fused_layers": layers_note.startswith("decoder layers: fused")}
 
 
 def phase_flops(w: Workload, mu: int) -> dict:
@@ -286,6 +296,7 @@ def profile_step(ctx: dict, path: str) -> None:
         max_shapes_column_width=70)
     with open(f"{path}.rank{ctx['rank']}", "w") as f:
         f.write(table)
+    prof.export_chrome_trace(f"{path}.rank{ctx['rank']}.trace.json")
 
 
 def communication(ctx: dict, params: int, args) -> dict:
@@ -336,7 +347,7 @@ def worker(args) -> None:
     memory = peak_memory_metrics(ctx["policy"].device)
     comm = communication(ctx, params, args) if ctx["world"] > 1 else {}
     extra = {"params": params, "threads_per_rank": torch.get_num_threads(),
-             "host_allocator": active_host_allocator(),
+             "host_allocator": active_host_allocator(), "fused_layers": ctx["fused_layers"],
              "threads_set_by_init_distributed": threads_by_launcher,
              "local_size_env": os.environ.get("LOCAL_SIZE"), "cpu_count": os.cpu_count(),
              "logprob_chunk_size": ctx["cfg"].train.logprob_chunk_size,
@@ -361,7 +372,7 @@ def format_table(r: dict) -> str:
         (f"GRPO step benchmark: {seqs} sequences ({w['prompts']} prompts x G={w['group_size']}) "
          f"of {w['prompt_len']}+{w['new_tokens']} tokens, {r['params_millions']}M-param Llama, "
          f"{r['dtype']}, ZeRO-3, {r['ranks']} rank(s) x {r['threads_per_rank']} thread(s), "
-         f"{r['host_allocator']} malloc, "
+         f"{r['host_allocator']} malloc, {'fused' if r['fused_layers'] else 'HF'} layers, "
          f"mu={r['mu']}, micro-batch {w['micro_batch']}"),
         (f"peak (square matmul, all ranks at once): {peaks} = "
          f"{r['peak_flops_aggregate'] / 1e9:.1f} GFLOP/s"),
@@ -381,13 +392,14 @@ def format_table(r: dict) -> str:
                f"(load average {load})"),
               f"busy CPU seconds per rank (MFU without competing processes): {cpu}"]
     if "compare" in r:
-        header = (f"{'configuration':22s} {'ranks x threads':>15s} {'malloc':>8s} {'step s':>7s} "
+        header = (f"{'configuration':22s} {'ranks x threads':>15s} {'malloc':>8s} "
+                  f"{'layers':>6s} {'step s':>7s} "
                   f"{'update s':>8s} {'mfu_update':>10s} {'mfu_step':>8s} {'step / main':>11s} "
                   f"{'peak GiB':>8s}")
         lines += ["", "same invocation, interleaved rounds, fastest step of each:", header]
         for name, c in r["compare"].items():
             lines.append(f"{name:22s} {c['ranks']:>9d} x {c['threads_per_rank']:<3d} "
-                         f"{c['host_allocator']:>8s} "
+                         f"{c['host_allocator']:>8s} {'fused' if c['fused_layers'] else 'HF':>6s} "
                          f"{c['step_seconds']:7.2f} {c['update_seconds']:8.2f} "
                          f"{c['mfu_update']:10.3f} {c['mfu_step']:8.3f} "
                          f"{c['step_seconds_over_main']:11.2f} {c['peak_memory_gib']:8.2f}")
@@ -413,12 +425,15 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk", type=int, default=0, help="log-prob chunk size (default: config)")
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default 2)")
     parser.add_argument("--profile", default="",
-                        help="after the timed steps, profile one more; op tables to PROFILE.rankN")
+                        help="after the timed steps, profile one more; op tables to PROFILE.rankN, "
+                             "Chrome traces to PROFILE.rankN.trace.json")
     parser.add_argument("--allocator", default="auto", choices=HOST_ALLOCATORS,
                         help="the ranks' host allocator, as deepspeed.host_allocator (default auto)")
+    parser.add_argument("--fused-layers", default="auto", choices=FUSED_LAYER_CHOICES,
+                        help="model.fused_layers (default auto: fused for this Llama)")
     parser.add_argument("--compare", default="",
                         help="other configurations in the same run: ranks=N,dtype=NAME,"
-                             "allocator=NAME,...")
+                             "allocator=NAME,fused_layers=NAME,...")
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleaved rounds when comparing; each one's fastest step is kept")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before giving up")
@@ -429,11 +444,13 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         exit_worker()
-    configs = {"main": {"ranks": args.ranks, "dtype": args.dtype, "allocator": args.allocator}}
+    configs = {"main": {"ranks": args.ranks, "dtype": args.dtype, "allocator": args.allocator,
+                        "fused_layers": args.fused_layers}}
     for item in filter(None, args.compare.split(",")):
         key, _, value = item.partition("=")
-        if key not in ("ranks", "dtype", "allocator") or not value:
-            parser.error(f"--compare takes ranks=N, dtype=NAME or allocator=NAME items, got {item!r}")
+        if key not in configs["main"] or not value:
+            parser.error(f"--compare takes ranks=N, dtype=NAME, allocator=NAME or "
+                         f"fused_layers=NAME items, got {item!r}")
         configs[item] = {**configs["main"], key: int(value) if key == "ranks" else value}
     best = {}
     for _ in range(args.rounds if len(configs) > 1 else 1):
@@ -448,8 +465,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def launch_config(args, ranks: int, dtype: str, allocator: str) -> dict:
-    passed = [f"--{k}={v}" for k, v in (("dtype", dtype), ("mu", args.mu),
+def launch_config(args, ranks: int, dtype: str, allocator: str, fused_layers: str) -> dict:
+    passed = [f"--{k}={v}" for k, v in (("dtype", dtype), ("fused-layers", fused_layers),
+                                        ("mu", args.mu),
                                         ("threads", args.threads), ("micro", args.micro),
                                         ("chunk", args.chunk), ("steps", args.steps),
                                         ("profile", args.profile))]
@@ -460,7 +478,7 @@ def launch_config(args, ranks: int, dtype: str, allocator: str) -> dict:
 def comparison(r: dict, main: dict) -> dict:
     """One configuration's step against the main one's, measured in the same invocation."""
     return {"ranks": r["ranks"], "dtype": r["dtype"], "threads_per_rank": r["threads_per_rank"],
-            "host_allocator": r["host_allocator"],
+            "host_allocator": r["host_allocator"], "fused_layers": r["fused_layers"],
             "step_seconds": r["step_seconds"], "update_seconds": r["phases"]["update"]["seconds"],
             "peak_memory_gib": max(r["peak_memory_bytes_per_rank"]) / 2**30,
             "mfu_update": r["mfu_update"], "mfu_step": r["mfu_step"],

@@ -1,6 +1,7 @@
 """Run under the deepspeed launcher (1 or 2 ranks): the full ZeRO-3 gradient of one GRPO
 optimizer step, for several micro-batch sizes and each loss aggregation, through the trainer's
-own `micro_batch_loss`. Rank 0 saves {(aggregation, micro): {param: grad}} to OUT."""
+own `micro_batch_loss`, with HF's or the fused decoder layers (model.fused_layers). Rank 0 saves
+{(aggregation, micro): {param: grad}} to OUT."""
 
 import sys
 
@@ -11,6 +12,7 @@ from deepspeed.utils import safe_get_full_grad
 from grpo_ds.batch import RolloutBatch
 from grpo_ds.config import deepspeed_config, load_config, validate
 from grpo_ds.engine import build_policy, init_distributed
+from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.model import build_tiny_llama
 from grpo_ds.trainer import micro_batch_loss, step_counts
 
@@ -33,13 +35,14 @@ def fixed_batch() -> RolloutBatch:
         ref_logprobs=-torch.rand(SEQUENCES, COMPLETION, generator=gen) * 3)
 
 
-def step_gradient(aggregation: str, micro: int, world: int, rank: int) -> dict:
+def step_gradient(aggregation: str, micro: int, world: int, rank: int, layers: str) -> dict:
     cfg = load_config(None, ["--train.prompts_per_step=2", "--rollout.group_size=8",
                              f"--train.micro_batch_size={micro}", "--grpo.beta=0.1",
                              f"--grpo.loss_aggregation={aggregation}",
                              f"--rollout.max_new_tokens={COMPLETION}"])
     plan = validate(cfg, world)
     lm = build_tiny_llama(VOCAB, 32, 2, 4, 32, {"pad_token_id": 0}, seed=0)
+    apply_fused_layers(lm, layers)
     engine = build_policy(lm, deepspeed_config(cfg, plan), chunk_size=8,
                           gradient_checkpointing=False)
     per_rank = SEQUENCES // world
@@ -57,10 +60,10 @@ def step_gradient(aggregation: str, micro: int, world: int, rank: int) -> dict:
 
 
 def main() -> None:
-    out, micros = sys.argv[-2], [int(m) for m in sys.argv[-1].split(",")]
+    out, micros, layers = sys.argv[-3], [int(m) for m in sys.argv[-2].split(",")], sys.argv[-1]
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    results = {(agg, micro): step_gradient(agg, micro, world, rank)
+    results = {(agg, micro): step_gradient(agg, micro, world, rank, layers)
                for agg in ("grpo", "token_mean", "dr_grpo") for micro in micros}
     if rank == 0:
         torch.save(results, out)

@@ -5,6 +5,7 @@
 Phases (each prints "PHASE <name> ok" when done, so a hang shows where it stopped):
   same_tokens   each rank has its own prompts; gather="full", gather="layers" (1 and 2 layers
                 per group) and an unpartitioned copy of the same weights give identical tokens
+                (the engine's model has the fused decoder layers, the copy HF's)
   uneven_full   rank 0 stops after 2 tokens, rank 1 runs 48 (full gather) - must not hang
   uneven_layers the same with layer groups (lockstep), plus a rank with 0 prompts
   train_after   the engine still trains: params partitioned again, train mode restored,
@@ -22,6 +23,7 @@ from deepspeed import comm as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from grpo_ds.engine import init_distributed
+from grpo_ds.fused_layers import fuse_decoder_layers
 from grpo_ds.rollout import HybridRollout, SamplingParams
 from grpo_ds.rollout.gather import gathered_bytes
 
@@ -35,7 +37,8 @@ def build_engine():
                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256)
     model = LlamaForCausalLM(config)
-    plain = copy.deepcopy(model)
+    plain = copy.deepcopy(model)  # HF's layers, not sharded
+    fuse_decoder_layers(model)  # as training runs it: fused layers, ZeRO-3 leaf modules
     ds_config = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
