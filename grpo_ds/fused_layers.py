@@ -2,13 +2,10 @@
 
 HF's decoder layer projects q, k and v with three matmuls (gate and up with two), and builds
 RMSNorm and rotary embeddings from generic element-wise ops: rotary's `rotate_half` alone is a
-neg, a cat along the last dim and the slice/zero-fill copies of their backward. On a CPU core
-(float32, one thread, activations [32, 256, 512], `grpo-ds bench step --compare fused_layers=0`
-measures the whole effect) the pieces cost:
-
-    q, k, v as one [512, 1536] matmul         91 -> 98 GFLOP/s forward (gate+up: 89 -> 95)
-    rotary of q and k, forward + backward     46 -> ~25 ms per layer
-    RMSNorm, forward + backward               20 -> 13 ms per norm
+neg, a cat along the last dim and the slice/zero-fill copies of their backward. Here q, k, v (and
+gate, up) are one matmul with a wider output, which runs closer to the matmul peak on a CPU core,
+and RMSNorm and rotary are one autograd Function each, with fewer passes over the activations.
+`grpo-ds bench step --compare fused_layers=off` measures the effect on a GRPO step (README).
 
 `fuse_decoder_layers(model)` gives each decoder layer of a Llama, Mistral or Qwen2 model a
 forward that does the same computation with those fused pieces. Parameters, their names and
