@@ -18,14 +18,11 @@ def test_generation_bench_quick_prints_one_json_line():
     report = json.loads(lines[0])
     no_eos, eos = report["scenarios"]["no_eos"], report["scenarios"]["eos"]
     w = report["workload"]
-    # without EOS every method decodes exactly prompts * G * new tokens (both ranks)
+    # without EOS every method decodes exactly prompts * G * new tokens (both ranks), DeepSpeed's
+    # rollout through our adapter too: it runs on Qwen2 (HF fallback), fails on Llama (CUDA)
     expected = 2 * w["prompts_per_rank"] * w["group_size"] * w["new_tokens"]
-    for name in ("a", "a/layers", "b"):
+    for name in ("a", "a/layers", "b", "c", "d"):
         assert no_eos[name]["tokens"] == expected, name
-    slow = 2 * w["prompts_per_rank"] * w["group_size"] * w["slow_new_tokens"]
-    assert no_eos["c"]["tokens"] == slow
-    # DeepSpeed's rollout through our adapter: runs on Qwen2 (HF fallback), fails on Llama (CUDA)
-    assert no_eos["d"]["tokens"] == slow
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cpu":

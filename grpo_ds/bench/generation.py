@@ -1,13 +1,14 @@
 """Benchmark: generation throughput of HybridRollout vs the usual ways to sample under ZeRO-3.
 
-    python -m grpo_ds.bench.generation [--json] [--quick]
+    python -m grpo_ds.bench.generation [--json] [--quick] [--dtype float32|bfloat16]
 
 starts `deepspeed --num_gpus 2 --module grpo_ds.bench.generation --worker ...` (2 ranks) and
 prints a table (or, with --json, one JSON object on one line).
 
 Workload (full): 16 prompts x G = 8 (8 prompts per rank), prompts of 128 random tokens, up to
 128 new tokens, a Llama-style model of 24.1M parameters built from a config (vocab 8192, hidden
-512, 6 layers, MLP 1024, 8 heads; random init, seed 0), float32, ZeRO-3 with
+512, 6 layers, MLP 1024, 8 heads; random init, seed 0), float32 (--dtype bfloat16: every method
+in bf16, ZeRO-3's bf16 mode), ZeRO-3 with
 stage3_param_persistence_threshold 0 (every weight partitioned), 1 torch thread per rank.
 Sampling: temperature 1, top_p 1, top_k 0.
 
@@ -22,9 +23,7 @@ Methods (same prompts, G and lengths):
      for Llama, which fail on CPU ("not implemented on CPU backend"), so d runs on a Qwen2 config
      of the same size, for which it falls back to HF generate on the ZeRO-3 engine (per-step
      gathers, EOS ignored). Row "d/llama" tries Llama and reports the error text.
-c and d are slow; they decode `slow_new_tokens` (32 in the full workload) new tokens and we report
-their tokens/second. Their prefill is included; it is small next to 32 gathered decode steps
-(measured: a/c was 4.5x with c at 32 tokens and 4.3x with c at 128 tokens, in two runs).
+Every method decodes the same number of new tokens (c and d are slow: most of the run is theirs).
 
 Scenarios:
   no_eos   no stop token: every method generates exactly N*G*max_new_tokens tokens.
@@ -60,7 +59,6 @@ class Workload:
     group_size: int = 8
     prompt_len: int = 128
     new_tokens: int = 128
-    slow_new_tokens: int = 32  # for c and d, to keep the bench short
     vocab: int = 8192
     hidden: int = 512
     layers: int = 6
@@ -68,11 +66,11 @@ class Workload:
     heads: int = 8
 
 
-QUICK = Workload(prompts_per_rank=2, group_size=4, prompt_len=16, new_tokens=8, slow_new_tokens=4,
+QUICK = Workload(prompts_per_rank=2, group_size=4, prompt_len=16, new_tokens=8,
                  vocab=512, hidden=64, layers=2, mlp=128, heads=4)
 
 
-def build_model(w: Workload, arch: str = "llama"):
+def build_model(w: Workload, dtype: str, arch: str = "llama"):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -83,19 +81,20 @@ def build_model(w: Workload, arch: str = "llama"):
             "max_position_embeddings": 2 * (w.prompt_len + w.new_tokens)}
     config_cls, model_cls = ((LlamaConfig, LlamaForCausalLM) if arch == "llama"
                              else (Qwen2Config, Qwen2ForCausalLM))
-    model = model_cls(config_cls(**dims)).float()
+    model = model_cls(config_cls(**dims)).to(getattr(torch, dtype))
     with torch.no_grad():
         model.lm_head.weight[EOS_ID] *= EOS_SCALE  # make EOS a varied, realistic stop (docstring)
     return model
 
 
-def make_engine(model, hybrid: bool = False):
+def make_engine(model, dtype: str, hybrid: bool = False):
     import deepspeed
 
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}},
+        "bf16": {"enabled": dtype == "bfloat16"},
     }
     if hybrid:
         config["hybrid_engine"] = {"enabled": True, "max_out_tokens": 1024}
@@ -159,14 +158,14 @@ def timed(fn) -> dict:
             "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu}
 
 
-def hybrid_backend(w: Workload, arch: str):
+def hybrid_backend(w: Workload, dtype: str, arch: str):
     """DeepSpeed HybridEngineRollout on a fresh hybrid-engine ZeRO-3 engine, or the error text."""
     from types import SimpleNamespace
 
     from grpo_ds.rollout.ds_hybrid import DeepSpeedHybridBackend
 
     try:
-        engine = make_engine(build_model(w, arch=arch), hybrid=True)
+        engine = make_engine(build_model(w, dtype, arch=arch), dtype, hybrid=True)
         tok = SimpleNamespace(pad_token_id=PAD_ID, eos_token_id=None)  # only the ids are read
         return DeepSpeedHybridBackend(engine, tok)
     except Exception as exc:  # noqa: BLE001 -- reported in the table instead of a number
@@ -183,7 +182,6 @@ def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: in
 
     stop = (EOS_ID,) if eos else ()
     params = SamplingParams(max_new_tokens=w.new_tokens, stop_token_ids=stop)
-    slow = SamplingParams(max_new_tokens=w.slow_new_tokens, stop_token_ids=stop)
     ours = HybridRollout(engine.module, PAD_ID, gather="full")
     layered = HybridRollout(engine.module, PAD_ID, gather="layers", layers_per_group=2)
     methods = {
@@ -194,13 +192,13 @@ def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: in
     }
     results = {}
     if not eos:  # c and d only in the no-EOS scenario (d ignores EOS anyway)
-        methods["c"] = lambda: hf_generate(engine.module, prompts, w, w.slow_new_tokens, eos,
+        methods["c"] = lambda: hf_generate(engine.module, prompts, w, w.new_tokens, eos,
                                            gathered=False)
         for name, backend in hybrids.items():
             if isinstance(backend, str):
                 results[name] = {"error": backend}
             else:
-                methods[name] = _tokens_of(backend, prompts, w.group_size, slow, rank)
+                methods[name] = _tokens_of(backend, prompts, w.group_size, params, rank)
     for round_ in range(repeats):  # interleaved rounds, best kept: load spikes hit one round
         for name, fn in methods.items():
             if "error" in results.get(name, {}):
@@ -231,14 +229,15 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     rank = dist.get_rank()
     w = QUICK if args.quick else Workload()
-    model = build_model(w)
+    model = build_model(w, args.dtype)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
-    engine = make_engine(model)
-    hybrids = {"d": hybrid_backend(w, "qwen2"), "d/llama": hybrid_backend(w, "llama")}
+    engine = make_engine(model, args.dtype)
+    hybrids = {"d": hybrid_backend(w, args.dtype, "qwen2"),
+               "d/llama": hybrid_backend(w, args.dtype, "llama")}
     prompts = rank_prompts(w, rank)
     HybridRollout(engine.module, PAD_ID).generate(prompts[:1], 1, SamplingParams(2), 0)  # warm-up
     report = {"workload": asdict(w), "params_millions": round(params_m, 2), "ranks": 2,
-              "dtype": "float32", "repeats": args.repeats, "scenarios": {}}
+              "dtype": args.dtype, "repeats": args.repeats, "scenarios": {}}
     for eos in (False, True):
         results = run_methods(engine, hybrids, prompts, w, eos, rank, args.repeats)
         report["scenarios"]["eos" if eos else "no_eos"] = results
@@ -289,8 +288,7 @@ def format_table(report: dict) -> str:
     title = (f"generation benchmark: {2 * w['prompts_per_rank']} prompts x G={w['group_size']}, "
              f"prompt {w['prompt_len']} tokens, <= {w['new_tokens']} new tokens, "
              f"{report['params_millions']}M-param model, {report['dtype']}, ZeRO-3, 2 ranks")
-    note = (f"(c and d decode {w['slow_new_tokens']} new tokens, their rate includes prefill; "
-            f"best of {report.get('repeats', 1)} interleaved rounds)")
+    note = f"(best of {report.get('repeats', 1)} interleaved rounds)"
     header = (f"{'method':45s} {'tokens':>7s} {'seconds':>8s} {'tok/s':>7s} {'a/this':>7s} "
               f"{'cpu-s':>7s} {'a/this cpu':>10s}")
     lines = [title, note]
@@ -314,6 +312,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object on one line")
     parser.add_argument("--quick", action="store_true", help="tiny workload (for tests)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="every method's dtype (default float32)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved rounds per method; the best round is reported")
@@ -326,7 +326,8 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         exit_worker()
-    passed = ["--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+    passed = (["--repeats", str(args.repeats), "--dtype", args.dtype]
+              + (["--quick"] if args.quick else []))
     passed += ["--profile", os.path.abspath(args.profile)] if args.profile else []
     report = add_ratios(launch_workers("grpo_ds.bench.generation", 2, passed, args.timeout))
     print(json.dumps(report) if args.json else format_table(report))
