@@ -123,8 +123,17 @@ class FusedLinearFunction(torch.autograd.Function):
         return (grad_x, None, *grads)
 
 
+FUSE_MIN_ROWS = 1024
+
+
 def fused_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
-    """[lin(x) for lin in linears], computed as one matmul; the outputs are views of it."""
+    """[lin(x) for lin in linears], computed as one matmul; the outputs are views of it.
+
+    A decode step without autograd (a few rows per sequence) runs the Linears one by one: its
+    matmuls are small, and concatenating the weights at every step would cost more than the
+    wider matmul saves."""
+    if not torch.is_grad_enabled() and x.numel() // x.shape[-1] < FUSE_MIN_ROWS:
+        return [F.linear(x, lin.weight, lin.bias) for lin in linears]
     biases = [lin.bias for lin in linears if lin.bias is not None]
     if biases and len(biases) != len(linears):
         raise ValueError("fused_linear needs all or none of the Linears to have a bias")

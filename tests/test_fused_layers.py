@@ -178,3 +178,13 @@ def test_fused_layers_keep_no_more_activation_memory_than_hf():
     fuse_decoder_layers(fused)
     ids = torch.randint(3, 97, (4, 16))
     assert saved_bytes(fused, ids) <= saved_bytes(hf, ids)
+
+
+@pytest.mark.parametrize("batch", [2, 64])  # 2 x 17 rows: Linears one by one; 64 x 17: fused
+def test_fused_model_without_autograd_matches_hf(batch):
+    hf = tiny("qwen2").eval()
+    fused = copy.deepcopy(hf)
+    fuse_decoder_layers(fused)
+    ids = torch.randint(3, 97, (batch, 17))
+    with torch.no_grad():
+        assert torch.allclose(fused(input_ids=ids).logits, hf(input_ids=ids).logits, atol=1e-5)
