@@ -28,8 +28,10 @@ slowest rank's): `generate_and_score` (split into generation and rewards), `forw
 the reference, `score_advantages`, and `update` on the policy engine with its forward, backward
 and step timed. Old log-probs cost 0 s by design: with mu = 1 there are none, and with mu > 1
 they are the detached log-probs of the update's first pass (see trainer.py), not another forward.
-One untimed warm-up step comes first (ZeRO-3 records its parameter order, kernels get picked);
-the timed numbers are the mean over the following steps. FLOPs and the peak: see mfu.py.
+Two untimed warm-up steps come first (ZeRO-3 records its parameter order in the first, kernels
+get picked; and in every launch we logged, the update forward of the step after that first one
+still ran 0.4-0.7 s slower than in all later steps); the timed numbers are the mean over the
+following steps: the steady state of a long run. FLOPs and the peak: see mfu.py.
 MFU = model FLOPs / (wall seconds x the summed per-rank peaks); a second, CPU-time MFU
 (FLOPs over the ranks' busy CPU seconds) shows what the code reaches when no other process
 competes for the cores. The report also times one all-gather and one reduce-scatter of all
@@ -63,11 +65,12 @@ class Workload:
     mlp: int = 1024
     heads: int = 8
     micro_batch: int = 32  # sequences per forward/backward on a rank
-    steps: int = 2  # timed steps after the warm-up step
+    steps: int = 2  # timed steps after the warm-up steps
+    warmup_steps: int = 2
 
 
 QUICK = Workload(prompts=4, group_size=4, prompt_len=16, new_tokens=8, vocab=512, hidden=64,
-                 layers=2, mlp=128, heads=4, micro_batch=4, steps=1)
+                 layers=2, mlp=128, heads=4, micro_batch=4, steps=1, warmup_steps=1)
 
 
 def build_lm(w: Workload):
@@ -336,7 +339,8 @@ def worker(args) -> None:
     peak_seconds = 0.2 if args.quick else 1.0
     peaks = [peak_all_ranks(DTYPES[args.dtype], peak_seconds)]
     say(rank, f"peak {[round(p['flops'] / 1e9, 1) for p in peaks[0]]} GFLOP/s per rank; warm-up")
-    run_step(ctx, 0)
+    for step in range(w.warmup_steps):
+        run_step(ctx, -step)  # untimed; step ids 0, -1, ... keep the timed ones' seeds as before
     steps = []
     for step in range(1, w.steps + 1):
         steps.append(run_step(ctx, step))
