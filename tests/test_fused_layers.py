@@ -24,6 +24,7 @@ from grpo_ds.fused_layers import (
     fuse_decoder_layers,
     swap_halves,
 )
+from grpo_ds.rollout.forward import cache_kwarg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,9 +131,9 @@ def test_fused_model_with_kv_cache_matches_hf():
     outs = []
     with torch.no_grad():
         for model in (hf, fused):
-            cache = DynamicCache(config=model.config)
-            model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
-            outs.append(model(input_ids=ids[:, 6:], past_key_values=cache, use_cache=True).logits)
+            cache = {cache_kwarg(model.forward): DynamicCache(config=model.config)}
+            model(input_ids=ids[:, :6], use_cache=True, **cache)
+            outs.append(model(input_ids=ids[:, 6:], use_cache=True, **cache).logits)
     assert torch.allclose(outs[0], outs[1], atol=1e-5)
 
 
