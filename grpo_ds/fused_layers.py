@@ -70,8 +70,9 @@ def swap_halves(x: torch.Tensor) -> torch.Tensor:
 class RotaryFunction(torch.autograd.Function):
     """HF's rotary on [B, H, T, D]: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1).
 
-    With s_signed = (-sin1, sin2), rotate_half(x) * sin = swap_halves(x) * s_signed. The map is linear with transpose g -> g * cos +
-    swap_halves(g * s_signed) (swap_halves is its own transpose), which is the backward.
+    With s_signed = (-sin1, sin2), rotate_half(x) * sin = swap_halves(x) * s_signed. The map is
+    linear with transpose g -> g * cos + swap_halves(g * s_signed) (swap_halves is its own
+    transpose), which is the backward.
     """
 
     @staticmethod
@@ -107,7 +108,7 @@ class FusedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_weights, *weights_and_biases):
         weights, biases = weights_and_biases[:num_weights], weights_and_biases[num_weights:]
-        ctx.num_weights, ctx.has_bias = num_weights, bool(biases)
+        ctx.has_bias = bool(biases)
         ctx.save_for_backward(x, *weights)
         return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
 
@@ -212,15 +213,22 @@ def fuse_decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def is_fused(model: nn.Module) -> bool:
+    """Whether fuse_decoder_layers gave `model`'s decoder layers the fused forward."""
+    layers = getattr(getattr(model, "model", None), "layers", None) or []
+    return any(getattr(layer.forward, "__func__", None) is fused_layer_forward
+               for layer in layers)
+
+
 def apply_fused_layers(model: nn.Module, choice: str) -> str:
     """model.fused_layers: "auto" fuses when the model type supports it, "on" requires it (error
     otherwise), "off" keeps HF's layers. Returns a line saying which layers run."""
     if choice not in FUSED_LAYER_CHOICES:
         raise ValueError(f"model.fused_layers={choice!r}: must be one of {FUSED_LAYER_CHOICES}")
-    reason = fusable(model)
     if choice == "off":
         return "decoder layers: HF's (model.fused_layers=off)"
+    reason = fusable(model)
     if reason and choice == "auto":
         return f"decoder layers: HF's ({reason}; model.fused_layers=auto)"
-    fuse_decoder_layers(model)  # raises with the reason when choice is "on" and it cannot
-    return f"decoder layers: fused ({len(model.model.layers)} layers, grpo_ds/fused_layers.py)"
+    layers = fuse_decoder_layers(model)  # raises with the reason when choice is "on" and it cannot
+    return f"decoder layers: fused ({len(layers)} layers, grpo_ds/fused_layers.py)"

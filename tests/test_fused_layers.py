@@ -19,9 +19,11 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 from grpo_ds.fused_layers import (
     FusedLinearFunction,
     RMSNormFunction,
+    apply_fused_layers,
     apply_rotary,
     fusable,
     fuse_decoder_layers,
+    is_fused,
     swap_halves,
 )
 from grpo_ds.rollout.forward import cache_kwarg
@@ -151,9 +153,19 @@ def test_unsupported_models_are_refused():
     model = tiny("llama")
     model.config.hidden_act = "gelu"
     assert "silu" in fusable(model)
+    assert "HF's" in apply_fused_layers(model, "auto") and not is_fused(model)
     model.config.model_type = "gpt2"
     with pytest.raises(ValueError, match="gpt2"):
         fuse_decoder_layers(model)
+    with pytest.raises(ValueError, match="gpt2"):
+        apply_fused_layers(model, "on")
+
+
+def test_apply_fused_layers_choices():
+    model = tiny("qwen2")
+    assert "off" in apply_fused_layers(model, "off") and not is_fused(model)
+    assert apply_fused_layers(model, "auto").startswith("decoder layers: fused (2 layers")
+    assert is_fused(model)
 
 
 def saved_bytes(model, ids) -> int:

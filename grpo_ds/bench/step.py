@@ -198,7 +198,7 @@ def setup(args, w: Workload) -> dict:
 
     from grpo_ds.config import deepspeed_config, load_config, validate
     from grpo_ds.engine import build_policy, build_reference
-    from grpo_ds.fused_layers import apply_fused_layers
+    from grpo_ds.fused_layers import apply_fused_layers, is_fused
     from grpo_ds.rollout import HybridRollout
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -214,7 +214,7 @@ def setup(args, w: Workload) -> dict:
         lm.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     dist.barrier()
-    layers_note = apply_fused_layers(lm, cfg.model.fused_layers)
+    apply_fused_layers(lm, cfg.model.fused_layers)
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, gradient_checkpointing=False)
     reference = build_reference(model_dir, ds, cfg.deepspeed.reference_placement, cfg.model.dtype,
                                 cfg.train.logprob_chunk_size, cfg.model.fused_layers)
@@ -225,7 +225,7 @@ def setup(args, w: Workload) -> dict:
     rows = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
     return {"cfg": cfg, "plan": plan, "rank": rank, "world": world, "policy": policy,
             "reference": reference, "rollout": rollout, "tokenizer": tokenizer, "rows": rows,
-            "fused_layers": layers_note.startswith("decoder layers: fused")}
+            "fused_layers": is_fused(lm)}
 
 
 def phase_flops(w: Workload, mu: int) -> dict:
