@@ -28,6 +28,8 @@ def test_generation_bench_quick_prints_one_json_line():
     if get_accelerator().device_name() == "cpu":
         assert "not been implemented on CPU" in no_eos["d/llama"]["error"]
     assert no_eos["a"]["x_vs_b"] > 0 and no_eos["a"]["x_vs_c"] > 0
+    # the floor runs a's weight matmuls for the same tokens, and is compared with c like a
+    assert no_eos["floor"]["tokens"] == expected and no_eos["floor"]["x_vs_c"] > 0
     assert no_eos["a"]["x_vs_b_cpu"] > 0 and no_eos["a"]["cpu_seconds"] > 0
     # with EOS our two gather modes sample the same tokens (same seed), so count the same
     assert eos["a"]["tokens"] == eos["a/layers"]["tokens"] <= expected

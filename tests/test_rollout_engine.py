@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from grpo_ds.rollout import HybridRollout, RolloutBackend, SamplingParams
-from grpo_ds.rollout.cache import make_cache
+from grpo_ds.rollout.cache import OWN_CHUNK, make_cache
 from grpo_ds.rollout.forward import FullForward
 
 PAD, EOS = 0, 1
@@ -175,16 +175,18 @@ def test_invalid_arguments():
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prefix_kv_equals_repeated_kv(attn):
-    # GQA (4 heads, 2 kv heads), left padding, EOS stops (compaction): reading the prompt KV
-    # once per prompt must give what the G-times repeated KV gives.
+    # GQA (4 heads, 2 kv heads), left padding, EOS stops (compaction), completions longer than
+    # one chunk of the completion KV buffer: reading the prompt KV once per prompt must give
+    # what the G-times repeated KV gives.
     model = tiny_llama(vocab=16)
     model.config._attn_implementation = attn
-    params = SamplingParams(max_new_tokens=16, stop_token_ids=(EOS,), temperature=0.9)
+    params = SamplingParams(max_new_tokens=2 * OWN_CHUNK + 5, stop_token_ids=(EOS,),
+                            temperature=0.9)
     shared = HybridRollout(model, PAD).generate(prompts(16), 5, params, seed=8)
     repeated = HybridRollout(model, PAD, share_prefix=False).generate(prompts(16), 5, params, 8)
     assert model.config._attn_implementation == attn  # restored after generate
     lengths = shared.completion_mask.sum(-1)
-    assert lengths.min() < 16  # some rows were compacted away
+    assert lengths.min() < 16 and lengths.max() > OWN_CHUNK  # compaction, and buffer growth
     assert torch.equal(shared.completion_ids, repeated.completion_ids)
     assert torch.allclose(shared.sampled_logprobs, repeated.sampled_logprobs, atol=1e-5)
     ref = trainer_logprobs(model, shared, 0.9)

@@ -24,6 +24,9 @@ Methods (same prompts, G and lengths):
      of the same size, for which it falls back to HF generate on the ZeRO-3 engine (per-step
      gathers, EOS ignored). Row "d/llama" tries Llama and reports the error text.
 Every method decodes the same number of new tokens (c and d are slow: most of the run is theirs).
+  f  floor: a's weight matmuls alone (every Linear on the rows a's no-EOS call feeds it, on the
+     gathered weights, both ranks at once): no method running those matmuls with torch's kernels
+     can be faster, so floor / c bounds how much faster than c any method can be on this machine.
 
 Scenarios:
   no_eos   no stop token: every method generates exactly N*G*max_new_tokens tokens.
@@ -158,6 +161,40 @@ def timed(fn) -> dict:
             "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu}
 
 
+def weight_matmuls(module, prompts, w: Workload):
+    """The weight matmuls of ours' no-EOS call, alone: a floor on any method's time here.
+
+    Every Linear of the model on the rows one call feeds it: prefill on N * Tp rows (lm_head on
+    the N last positions only), then max_new_tokens decode steps on N * G rows, layer by layer
+    as a real step streams the weights. Gathering, attention, norms, sampling and Python are left
+    out, so no method that runs these matmuls in this dtype with torch's kernels can be faster.
+    Returns a callable for `timed` that counts the tokens ours generates.
+    """
+    import torch
+    from torch.nn import functional as F
+
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    head = module.get_output_embeddings()
+    dtype = next(module.parameters()).dtype
+    prefill_rows, decode_rows = len(prompts) * w.prompt_len, len(prompts) * w.group_size
+    inputs = {}  # (rows, in_features) -> a random input, made once outside the timing
+    for rows in (prefill_rows, decode_rows, len(prompts)):
+        for m in linears:
+            inputs.setdefault((rows, m.in_features), torch.randn(rows, m.in_features, dtype=dtype))
+
+    def run() -> int:
+        with torch.no_grad():
+            for m in linears:
+                F.linear(inputs[(len(prompts) if m is head else prefill_rows, m.in_features)],
+                         m.weight, m.bias)
+            for _ in range(w.new_tokens):
+                for m in linears:
+                    F.linear(inputs[(decode_rows, m.in_features)], m.weight, m.bias)
+        return decode_rows * w.new_tokens
+
+    return run
+
+
 def hybrid_backend(w: Workload, dtype: str, arch: str):
     """DeepSpeed HybridEngineRollout on a fresh hybrid-engine ZeRO-3 engine, or the error text."""
     from types import SimpleNamespace
@@ -241,11 +278,26 @@ def worker(args) -> None:
     for eos in (False, True):
         results = run_methods(engine, hybrids, prompts, w, eos, rank, args.repeats)
         report["scenarios"]["eos" if eos else "no_eos"] = results
+    report["scenarios"]["no_eos"]["floor"] = time_weight_matmuls(engine, prompts, w, args.repeats)
     if args.profile:
         profile_ours(engine, prompts, w, f"{args.profile}.rank{rank}")
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(report, f)
+
+
+def time_weight_matmuls(engine, prompts, w: Workload, repeats: int) -> dict:
+    """`weight_matmuls` on the gathered weights, both ranks at once (they share the memory
+    bus as in the real calls); the best of `repeats` rounds."""
+    import deepspeed
+
+    from grpo_ds.rollout.gather import suspend_zero3_hooks
+
+    module = engine.module
+    with suspend_zero3_hooks(module), deepspeed.zero.GatheredParameters(list(module.parameters())):
+        run = weight_matmuls(module, prompts, w)
+        rounds = [timed(run) for _ in range(repeats)]
+    return max(rounds, key=lambda r: r["tokens_per_second"])
 
 
 def profile_ours(engine, prompts, w: Workload, path: str) -> None:
@@ -263,15 +315,16 @@ def profile_ours(engine, prompts, w: Workload, path: str) -> None:
 
 
 def add_ratios(report: dict) -> dict:
-    """ours (a) tokens/s divided by b's and c's (wall and CPU time), per scenario."""
+    """ours (a) tokens/s divided by b's and c's (wall and CPU time), per scenario; and the
+    floor's: the most any method running the same weight matmuls could be faster than b or c."""
     for results in report["scenarios"].values():
-        ours = results["a"]
-        for ref in ("b", "c"):
-            if "tokens_per_second" in results.get(ref, {}):
-                other = results[ref]
-                ours[f"x_vs_{ref}"] = ours["tokens_per_second"] / other["tokens_per_second"]
-                ours[f"x_vs_{ref}_cpu"] = (ours["tokens_per_cpu_second"]
-                                           / other["tokens_per_cpu_second"])
+        for fast in ("a", "floor"):
+            for ref in ("b", "c"):
+                if fast in results and "tokens_per_second" in results.get(ref, {}):
+                    this, other = results[fast], results[ref]
+                    this[f"x_vs_{ref}"] = this["tokens_per_second"] / other["tokens_per_second"]
+                    this[f"x_vs_{ref}_cpu"] = (this["tokens_per_cpu_second"]
+                                               / other["tokens_per_cpu_second"])
     return report
 
 
@@ -280,7 +333,8 @@ NAMES = {"a": "a  ours, HybridRollout (full gather)",
          "b": "b  HF generate, gathered weights",
          "c": "c  HF generate, sharded, synced_gpus",
          "d": "d  DeepSpeed HybridEngineRollout (Qwen2)",
-         "d/llama": "d' DeepSpeed HybridEngineRollout (Llama)"}
+         "d/llama": "d' DeepSpeed HybridEngineRollout (Llama)",
+         "floor": "f  floor: a's weight matmuls alone"}
 
 
 def format_table(report: dict) -> str:
@@ -305,6 +359,10 @@ def format_table(report: dict) -> str:
             lines.append(f"{NAMES[key]:45s} {r['tokens']:7d} {r['seconds']:8.1f} "
                          f"{r['tokens_per_second']:7.1f} {ratio:6.2f}x {r['cpu_seconds']:7.1f} "
                          f"{cpu_ratio:9.2f}x")
+        floor = results.get("floor", {})
+        if "x_vs_c" in floor:
+            lines.append(f"the weight matmuls alone run {floor['x_vs_c']:.2f}x c's rate "
+                         f"({floor['x_vs_b']:.2f}x b's): no method here can be faster than c by more")
     return "\n".join(lines)
 
 

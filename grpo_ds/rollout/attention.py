@@ -4,10 +4,15 @@ After the shared prefill, the G samples of prompt i have identical prompt keys/v
 them G times (what HF does) costs G x the memory and G x the memory traffic of every decode
 step, and at one query token per row attention is bound by that traffic. Here the cache keeps
 the prompt part once per prompt, `prefix_keys [N, Hkv, Tp, D]`, and each row's own completion
-part, `keys [B, Hkv, t, D]`. For live rows r (prompt p(r), slot s(r) = r mod G):
+part, `keys [B, Hkv, alloc, D]` (filled up to t, see cache.py). For live rows r (prompt p(r),
+slot s(r) = r mod G):
 
     scores = [ q_r . prefix_keys[p(r)] ,  q_r . keys[r] ] * scaling       masked, softmax
     out_r  = probs_prefix . prefix_values[p(r)] + probs_own . values[r]
+
+The prefix columns are masked by the attention mask (left padding), the own columns by the
+cache's `own_keep` (filled columns); unfilled columns are zeros, so their probability 0 times
+their value stays 0.
 
 The prefix products run as one matmul per (prompt, kv head) over the G * (H / Hkv) queries of
 that prompt: the prompt keys are read once per prompt instead of once per row.
@@ -54,7 +59,7 @@ def _of_rows(rows, group_size, grouped: torch.Tensor) -> torch.Tensor:
 
 
 def shared_prefix_decode(query, keys, values, prefix, attention_mask, scaling) -> torch.Tensor:
-    """query [B, H, 1, D], keys/values [B, Hkv, t, D] -> attn_output [B, 1, H, D]."""
+    """query [B, H, 1, D], keys/values [B, Hkv, alloc, D] -> attn_output [B, 1, H, D]."""
     batch, heads, _, dim = query.shape
     num_prompts, kv_heads, prefix_len, _ = prefix.prefix_keys.shape
     rep, group, rows = heads // kv_heads, prefix.group_size, prefix.rows
@@ -65,11 +70,13 @@ def shared_prefix_decode(query, keys, values, prefix, attention_mask, scaling) -
     prefix_scores = q_grouped @ prefix.prefix_keys.transpose(-1, -2)
     prefix_scores = prefix_scores.reshape(num_prompts, kv_heads, group, rep, prefix_len)
     prefix_scores = _of_rows(rows, group, prefix_scores.transpose(1, 2))  # [B, Hkv, rep, Tp]
-    own_scores = q @ keys.transpose(-1, -2)  # [B, Hkv, rep, t]
+    own_scores = q @ keys.transpose(-1, -2)  # [B, Hkv, rep, alloc]
     scores = torch.cat([prefix_scores, own_scores], dim=-1)
-    keep = _keep_mask(attention_mask)
-    if keep is not None:
-        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    keep = _keep_mask(attention_mask)  # [B, Tp + t]: its prefix part holds the left padding
+    own_keep = prefix.own_keep.expand(batch, -1)
+    prefix_keep = keep[:, :prefix_len] if keep is not None else own_keep.new_ones(batch, prefix_len)
+    keep = torch.cat([prefix_keep, own_keep], dim=-1)
+    scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     prefix_probs, own_probs = probs.split([prefix_len, keys.shape[-2]], dim=-1)
     p_grouped = _by_slot(rows, group, num_prompts, prefix_probs).transpose(1, 2)
@@ -87,7 +94,9 @@ def _make_attention(original: str):
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         prefix = getattr(key, "shared_prefix", None)
-        if prefix is None or query.shape[2] != 1:
+        if prefix is not None and query.shape[2] != 1:
+            raise NotImplementedError("a shared-prefix KV cache serves one query token per row")
+        if prefix is None:
             return fallback(module, query, key, value, attention_mask, dropout=dropout,
                             scaling=scaling, **kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
