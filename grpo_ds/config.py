@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 
 FUSED_LAYER_CHOICES = ("auto", "on", "off")
+PACKED_WEIGHT_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -131,6 +132,8 @@ class RolloutConfig:
     """Weight gathering for generation: `auto` (from the budget), `full` or `layers`."""
     memory_budget_gb: float | None = None
     """Device memory the gathered weights may take; None means the full model fits."""
+    packed_weights: str = "auto"
+    """CPU: run the Linears on weights reordered for oneDNN once per rollout (per group gather with `layers`): a second copy of the gathered Linear weights while sampling, faster decode matmuls. `auto` (where supported), `on`, `off`."""
     logprob_tolerance: float = 1e-3
     """mu > 1: sampled log-probs serve as old log-probs while their gap to the trainer's forward is below this."""
 
@@ -352,6 +355,7 @@ CHOICES = {
     "data.overlong_prompts": ("truncate", "drop"),
     "rewards.on_error": ("raise", "skip"),
     "rollout.gather": ("auto", "full", "layers"),
+    "rollout.packed_weights": PACKED_WEIGHT_CHOICES,
     "grpo.kl_estimator": ("k1", "k2", "k3"),
     "grpo.loss_aggregation": ("grpo", "token_mean", "dr_grpo"),
     "grpo.scale_rewards": ("group", "batch", "none"),

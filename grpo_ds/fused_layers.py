@@ -31,6 +31,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from grpo_ds.config import FUSED_LAYER_CHOICES
+from grpo_ds.packed_linear import linear
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -134,7 +135,7 @@ def fused_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor
     matmuls are small, and concatenating the weights at every step would cost more than the
     wider matmul saves."""
     if not torch.is_grad_enabled() and x.numel() // x.shape[-1] < FUSE_MIN_ROWS:
-        return [F.linear(x, lin.weight, lin.bias) for lin in linears]
+        return [linear(lin, x) for lin in linears]  # on reordered weights during a rollout
     biases = [lin.bias for lin in linears if lin.bias is not None]
     if biases and len(biases) != len(linears):
         raise ValueError("fused_linear needs all or none of the Linears to have a bias")

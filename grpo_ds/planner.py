@@ -150,11 +150,13 @@ class TrainingShape:
     gather_budget_bytes: int | None = None  # layers: sizes the layer groups (rollout.memory_budget_gb)
     logprob_chunk_size: int = 4096
     attention: str = "sdpa"  # sdpa | eager
+    packed_weights: str = "auto"  # auto | on | off: oneDNN copies of the Linears (CPU ranks)
 
     def __post_init__(self):
         for name, allowed in (("dtype", tuple(DTYPE_BYTES)), ("gather", ("full", "layers", "auto")),
                               ("reference", ("cpu_offload", "sharded", "none")),
-                              ("attention", ("sdpa", "eager"))):
+                              ("attention", ("sdpa", "eager")),
+                              ("packed_weights", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
         for name in ("group_size", "prompt_len", "max_new_tokens", "prompts_per_rank",
@@ -312,14 +314,16 @@ def live_update_numel(spec: ModelSpec, zero: ZeroSettings) -> int:
     return min(partitioned, held + spec.largest_leaf + prefetch)
 
 
-def gathered_generation_bytes(spec: ModelSpec, p: int, shape: TrainingShape) -> tuple[int, str]:
-    """Weights held while decoding: a full copy, or two neighbouring layer groups.
+def gathered_generation_bytes(spec: ModelSpec, p: int, shape: TrainingShape
+                              ) -> tuple[int, str, int | None]:
+    """Weights held while decoding: a full copy, or two neighbouring layer groups of k layers.
 
     `auto` picks layers iff the full copy exceeds the gather budget (as rollout/engine.py does).
+    Returns (bytes, note, k), k None for the full copy.
     """
     full, budget = p * spec.total_params, shape.gather_budget_bytes
     if shape.gather == "full" or (shape.gather == "auto" and (budget is None or full <= budget)):
-        return full, f"full copy, {p} B/param"
+        return full, f"full copy, {p} B/param", None
     from grpo_ds.rollout.gather import plan_layers_per_group
 
     layer = p * spec.layer_params
@@ -331,7 +335,16 @@ def gathered_generation_bytes(spec: ModelSpec, p: int, shape: TrainingShape) -> 
     pairs = [embed + k * layer, k * layer + head]
     if spec.num_layers > k:
         pairs.append(2 * k * layer)
-    return max(pairs), f"layer groups of {k}: two neighbours gathered"
+    return max(pairs), f"layer groups of {k}: two neighbours gathered", k
+
+
+def packed_generation_bytes(spec: ModelSpec, p: int, k: int | None) -> int:
+    """The oneDNN copies of the gathered Linear weights (packed_linear.py): all of them with
+    the full copy, one group's with layer groups of k (norms counted as Linears: negligible)."""
+    head = spec.head_params or spec.embed_params  # a tied lm_head is a Linear on the embedding
+    if k is None:
+        return p * (spec.num_layers * spec.layer_params + head)
+    return p * max(k * spec.layer_params, head)
 
 
 def reference_components(spec, shape: TrainingShape, zero: ZeroSettings, world, p) -> list:
@@ -353,12 +366,16 @@ def reference_components(spec, shape: TrainingShape, zero: ZeroSettings, world, 
     ]
 
 
-def generation_components(spec, shape: TrainingShape, zero: ZeroSettings, p) -> list:
+def generation_components(spec, shape: TrainingShape, zero: ZeroSettings, p,
+                          device_is_host: bool) -> list:
     rows = shape.prompts_per_rank * shape.group_size
     if zero.stage >= 3:
-        gathered, note = gathered_generation_bytes(spec, p, shape)
+        gathered, note, k = gathered_generation_bytes(spec, p, shape)
     else:
-        gathered, note = 0, "stage < 3: params are already whole"
+        gathered, note, k = 0, "stage < 3: params are already whole", None
+    packed = 0
+    if device_is_host and shape.packed_weights != "off":
+        packed = packed_generation_bytes(spec, p, k)
     kv = kv_cache_bytes(spec, p, rows, shape.seq_len)
     prefill_tokens = shape.prompts_per_rank * shape.prompt_len  # shared prefill: each prompt once
     prefill = prefill_tokens * inference_token_bytes(spec, p)
@@ -368,6 +385,8 @@ def generation_components(spec, shape: TrainingShape, zero: ZeroSettings, p) -> 
     working = max(prefill + shape.prompts_per_rank * sampling, rows * sampling)
     return [
         Component("generation gathered weights", "generation", device=gathered, note=note),
+        Component("generation packed weights", "generation", device=packed,
+                  note="oneDNN copies of the Linears (rollout.packed_weights, CPU)"),
         Component("generation KV cache", "generation", device=kv + kv // spec.num_layers,
                   note=f"{rows} seqs x {shape.seq_len} tokens, + 1 layer copied on compaction"),
         Component("generation working", "generation", device=working,
@@ -554,7 +573,7 @@ def plan_memory(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: 
     step_temp = optimizer_step_temp_bytes(ds_config, zero, budgets.device_is_host)
     components = (model_state_components("policy", spec, zero, w, p, step_temp)
                   + reference_components(spec, training, zero, w, p)
-                  + generation_components(spec, training, zero, p)
+                  + generation_components(spec, training, zero, p, budgets.device_is_host)
                   + update_components(spec, training, zero, p)
                   + buffer_components(spec, zero, w, p, budgets.device_is_host))
     if budgets.device_is_host and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -614,4 +633,5 @@ def training_shape_from_config(cfg, world_size: int) -> TrainingShape:
         reference=cfg.deepspeed.reference_placement,
         gradient_checkpointing=cfg.model.gradient_checkpointing, gather=cfg.rollout.gather,
         gather_budget_bytes=None if budget is None else int(budget * GIB),
-        logprob_chunk_size=cfg.train.logprob_chunk_size)
+        logprob_chunk_size=cfg.train.logprob_chunk_size,
+        packed_weights=cfg.rollout.packed_weights)

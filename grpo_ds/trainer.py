@@ -298,6 +298,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
     logger.attach_monitor(policy.monitor)  # the DS config's tensorboard/csv/wandb, if any
     rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                             gather=cfg.rollout.gather, tokenizer=tokenizer,
+                            packed_weights=cfg.rollout.packed_weights,
                             memory_budget_bytes=None if cfg.rollout.memory_budget_gb is None
                             else int(cfg.rollout.memory_budget_gb * 2**30))
     eval_rows = source.eval_rows()

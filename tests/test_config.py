@@ -45,6 +45,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     ("--deepspeed.host_allocator=jemalloc",
      "deepspeed.host_allocator='jemalloc': must be one of auto, tcmalloc, system"),
     ("--rewards.weights=[1,2]", "rewards.weights has 2 entries but rewards.functions has 1"),
+    ("--rollout.packed_weights=yes", "rollout.packed_weights='yes': must be one of auto, on, off"),
 ])
 def test_invalid_values_name_the_field_and_value(override, message):
     with pytest.raises(ConfigError) as err:

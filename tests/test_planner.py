@@ -235,9 +235,16 @@ def test_cpu_only_uses_one_ram_pool_per_node():
     g = p.grpo
     # device states 202,048 + 202,048 + 1,212,288 + reduce 2,000, no accelerator context;
     # host: reference 202,048 + runtime + heap kept by the allocator 1.75 x the larger gathered set
-    # (generation's 404,096) = 707,168; + generation 709,248
+    # (generation's 404,096) = 707,168; + generation 709,248, + its oneDNN copies of the Linears
+    # on CPU: 2 B x (2 layers x 36,992 + head 64,000) = 275,968
     assert g.ram_per_rank == (1_618_384 + 202_048 + planner.RUNTIME_HOST_BYTES + 707_168
-                              + 709_248)
+                              + 709_248 + 275_968)
+    unpacked = plan(shape=TrainingShape(**{**SHAPE.__dict__, "packed_weights": "off"}),
+                    budgets=Budgets(device_bytes=budget, host_bytes=budget, device_is_host=True))
+    assert g.ram_per_rank - unpacked.grpo.ram_per_rank == 275_968
+    assert by_name(plan())["generation packed weights"].device == 0  # only CPU ranks pack
+    # layer groups of 1: one group's Linears at a time, here the head (64,000 > 36,992)
+    assert planner.packed_generation_bytes(model_spec.llama_spec(SMALL), 2, 1) == 2 * 64_000
     assert g.ram_per_node == 2 * g.ram_per_rank  # 2 ranks on the node
     assert "RAM per node" in p.verdict and not p.fits
     roomy = plan(budgets=Budgets(device_bytes=8 * GIB, host_bytes=8 * GIB, device_is_host=True))

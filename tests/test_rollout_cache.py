@@ -50,7 +50,8 @@ def test_compaction_keeps_rows_and_their_prompt_map():
 def test_capacity_is_enforced_after_sharing():
     layer = shared_layer(prefix_len=4, capacity=6)  # 2 completion tokens fit
     for _ in range(2):
-        layer.update(torch.zeros(6, 2, 1, 5), torch.zeros(6, 2, 1, 5))
+        keys, _ = layer.update(torch.zeros(6, 2, 1, 5), torch.zeros(6, 2, 1, 5))
+        assert keys.shape[-2] == 2  # the chunk is cut to the capacity, not OWN_CHUNK columns
     with pytest.raises(RuntimeError, match="capacity"):
         layer.update(torch.zeros(6, 2, 1, 5), torch.zeros(6, 2, 1, 5))
 

@@ -166,12 +166,14 @@ def weight_matmuls(module, prompts, w: Workload):
 
     Every Linear of the model on the rows one call feeds it: prefill on N * Tp rows (lm_head on
     the N last positions only), then max_new_tokens decode steps on N * G rows, layer by layer
-    as a real step streams the weights. Gathering, attention, norms, sampling and Python are left
-    out, so no method that runs these matmuls in this dtype with torch's kernels can be faster.
-    Returns a callable for `timed` that counts the tokens ours generates.
+    as a real step streams the weights, on the kernels ours runs (oneDNN on reordered weights
+    where supported, packed_linear.py; the reorder itself is not timed). Gathering, attention,
+    norms, sampling and Python are left out, so no method running these matmuls with these
+    kernels can be faster. Returns a callable for `timed` that counts the tokens ours generates.
     """
     import torch
-    from torch.nn import functional as F
+
+    from grpo_ds.packed_linear import linear
 
     linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
     head = module.get_output_embeddings()
@@ -185,11 +187,10 @@ def weight_matmuls(module, prompts, w: Workload):
     def run() -> int:
         with torch.no_grad():
             for m in linears:
-                F.linear(inputs[(len(prompts) if m is head else prefill_rows, m.in_features)],
-                         m.weight, m.bias)
+                linear(m, inputs[(len(prompts) if m is head else prefill_rows, m.in_features)])
             for _ in range(w.new_tokens):
                 for m in linears:
-                    F.linear(inputs[(decode_rows, m.in_features)], m.weight, m.bias)
+                    linear(m, inputs[(decode_rows, m.in_features)])
         return decode_rows * w.new_tokens
 
     return run
@@ -289,12 +290,17 @@ def worker(args) -> None:
 def time_weight_matmuls(engine, prompts, w: Workload, repeats: int) -> dict:
     """`weight_matmuls` on the gathered weights, both ranks at once (they share the memory
     bus as in the real calls); the best of `repeats` rounds."""
+    from contextlib import nullcontext
+
     import deepspeed
 
+    from grpo_ds.packed_linear import packed_linears, packing_supported
     from grpo_ds.rollout.gather import suspend_zero3_hooks
 
-    module = engine.module
-    with suspend_zero3_hooks(module), deepspeed.zero.GatheredParameters(list(module.parameters())):
+    module, rows = engine.module, len(prompts) * w.group_size
+    pack = packed_linears(module, rows) if packing_supported(module) is None else nullcontext()
+    gather = deepspeed.zero.GatheredParameters(list(module.parameters()))
+    with suspend_zero3_hooks(module), gather, pack:  # pack enters last: it reads gathered weights
         run = weight_matmuls(module, prompts, w)
         rounds = [timed(run) for _ in range(repeats)]
     return max(rounds, key=lambda r: r["tokens_per_second"])

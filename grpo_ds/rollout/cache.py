@@ -82,7 +82,7 @@ class SharedPrefixLayer(PreallocatedLayer):
     """Prefill as PreallocatedLayer; `batch_repeat_interleave(G)` then shares the prompt part.
 
     After sharing, `update` returns the whole completion buffers `[B, Hkv, alloc, D]` (alloc a
-    multiple of OWN_CHUNK, columns >= `length` zero) carrying a `shared_prefix` attribute (this
+    multiple of OWN_CHUNK or the capacity, columns >= `length` zero) carrying a `shared_prefix` attribute (this
     layer: prefix_keys, prefix_values, rows, group_size, own_keep) that the attention function
     uses; `rows [B]` maps live rows to original rows i*G + g, `own_keep [alloc]` marks the filled
     columns. `keys`/`values` stay views of the filled part.
@@ -116,8 +116,9 @@ class SharedPrefixLayer(PreallocatedLayer):
         self.own_keep = torch.arange(alloc, device=self.key_buffer.device) < self.length
 
     def _grow(self, end: int) -> None:
-        """Reallocate the completion buffers to the next multiple of OWN_CHUNK >= end."""
-        alloc = -(-end // OWN_CHUNK) * OWN_CHUNK
+        """Reallocate the completion buffers to the next multiple of OWN_CHUNK >= end (at most
+        the capacity, so a short completion never holds more than max_new_tokens columns)."""
+        alloc = min(-(-end // OWN_CHUNK) * OWN_CHUNK, self.capacity)
         for name in ("key_buffer", "value_buffer"):
             old = getattr(self, name)
             new = self._zeros_like(old, old.shape[0], alloc)

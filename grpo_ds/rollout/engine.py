@@ -5,7 +5,8 @@ One `generate` call:
      DeepSpeed's ZeRO-3 forward hooks suspended (see gather.py for why);
   2. hold the weights: "full" gathers every parameter once for the whole call, "layers" gathers
      groups of decoder layers per forward (with prefetch) when a memory budget says the full
-     model does not fit, "none" when the model is not partitioned;
+     model does not fit, "none" when the model is not partitioned; on CPU the Linears then run
+     on weights reordered for oneDNN (packed_linear.py: once per call, or per group gather);
   3. decode (decode.py): shared prefill, G samples per prompt, compaction, lockstep if needed;
   4. free the gathered weights and return a RolloutOutput grouped by prompt.
 
@@ -24,10 +25,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 
+from grpo_ds.config import PACKED_WEIGHT_CHOICES
+from grpo_ds.packed_linear import packed_linears, packing_supported
 from grpo_ds.rollout.attention import shared_prefix_attention
 from grpo_ds.rollout.backend import RolloutOutput, SamplingParams, left_pad
 from grpo_ds.rollout.cache import make_cache
@@ -58,14 +62,24 @@ class HybridRollout:
     compact: drop finished rows from the batch (False only to test that it changes nothing).
     share_prefix: keep each prompt's KV once for its G samples (attention.py); needs the model's
         attention to be "sdpa" or "eager", silently off otherwise.
+    packed_weights: "auto" | "on" | "off": on CPU, run the Linears on weights reordered for
+        oneDNN (packed_linear.py) once per call (full) or after each group's gather (layers);
+        auto = where supported.
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, gather: str = "auto",
                  memory_budget_bytes: int | None = None, tokenizer=None,
                  layers_per_group: int | None = None, prefetch: bool = True,
-                 compact: bool = True, share_prefix: bool = True):
+                 compact: bool = True, share_prefix: bool = True, packed_weights: str = "auto"):
         if gather not in GATHER_MODES:
             raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
+        if packed_weights not in PACKED_WEIGHT_CHOICES:
+            raise ValueError(f"packed_weights must be one of {PACKED_WEIGHT_CHOICES}, "
+                             f"got {packed_weights!r}")
+        unsupported = packing_supported(model) if packed_weights != "off" else None
+        if packed_weights == "on" and unsupported:
+            raise ValueError(f"packed_weights='on' but {unsupported}")
+        self.pack = packed_weights != "off" and unsupported is None
         self.model, self.pad_token_id, self.tokenizer = model, pad_token_id, tokenizer
         self.gather, self.budget = gather, memory_budget_bytes
         self.layers_per_group, self.prefetch, self.compact = layers_per_group, prefetch, compact
@@ -119,13 +133,17 @@ class HybridRollout:
         args = (cache, ids, mask, group_size, params, uniforms, stops, self.pad_token_id)
         if mode == "layers":
             forward = LayeredForward(self.model, timings, self.layers_per_group, self.budget,
-                                     prefetch=self.prefetch)
+                                     prefetch=self.prefetch, pack=self.pack)
             any_rank = _any_rank_fn(self.model, ids.device) if forward.collective else None
             result = decode(forward, *args, any_rank=any_rank, compact=self.compact)
             return result, {"layers_per_group": forward.layers_per_group}
-        with full_gather(self.model, timings):
+        with full_gather(self.model, timings), self._packed(ids.shape[0] * group_size) as packed:
             result = decode(FullForward(self.model), *args, compact=self.compact)
-        return result, {}
+        return result, {"packed_weight_bytes": packed}
+
+    def _packed(self, rows: int):
+        """packed_linears inside the full gather (the copies are of the whole weights), or 0."""
+        return packed_linears(self.model, rows) if self.pack else nullcontext(0)
 
     def _output(self, ids, mask, group_size, result, seconds, mode, timings, extra):
         width = int(result.lengths.max()) if result.lengths.numel() else 0

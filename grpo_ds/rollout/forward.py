@@ -21,11 +21,13 @@ Both return logits [B, V] float32 for the last position and extend `cache` in pl
 from __future__ import annotations
 
 import inspect
+from contextlib import ExitStack
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from grpo_ds.packed_linear import packed_linears
 from grpo_ds.rollout.gather import GroupGatherer, gathered_bytes, plan_layers_per_group
 
 LAYERED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -84,7 +86,7 @@ class LayeredForward:
     """Decoder run group by group; each group's ZeRO-3 parameters are gathered just in time."""
 
     def __init__(self, model: nn.Module, timings: dict, layers_per_group: int | None = None,
-                 budget_bytes: int | None = None, prefetch: bool = True):
+                 budget_bytes: int | None = None, prefetch: bool = True, pack: bool = False):
         check_layered_support(model)
         self.model, self.base, self.config = model, model.model, model.config
         layers = list(self.base.layers[: self.config.num_hidden_layers])
@@ -102,6 +104,10 @@ class LayeredForward:
                   + [[p for layer in chunk for p in layer.parameters()] for chunk in self.layer_chunks]
                   + [list(self.base.norm.parameters()) + list(model.lm_head.parameters())])
         self.gatherer = GroupGatherer(groups, timings, prefetch=prefetch)
+        # pack: each group's Linears run on weights reordered for oneDNN right after its gather,
+        # the kernels of the full-gather path (the two paths sample identical tokens)
+        self.pack = pack
+        self.head = nn.ModuleList([self.base.norm, model.lm_head])
         self.collective = any(len(g) for g in self.gatherer.groups)
         self._cache = cache_kwarg(layers[0].forward) if layers else "past_key_values"
         makers = {"full_attention": create_causal_mask,
@@ -115,8 +121,16 @@ class LayeredForward:
                            position_ids=position_ids, **{cache_name: cache})
                 for kind, (make, cache_name) in self.mask_makers.items()}
 
+    def _held(self, g: int, modules: nn.Module, rows: int):
+        """Group g gathered, and its Linears packed if asked."""
+        stack = ExitStack()
+        stack.enter_context(self.gatherer.hold(g))
+        if self.pack:
+            stack.enter_context(packed_linears(modules, rows))
+        return stack
+
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
-        hold = self.gatherer.hold
+        hold, rows = self.gatherer.hold, input_ids.numel()
         with hold(0):
             hidden = self.base.embed_tokens(input_ids)
         # masks read the cache length, so they are built before any layer extends the cache
@@ -124,13 +138,13 @@ class LayeredForward:
         rope = self.base.rotary_emb(hidden, position_ids)
         index = 0
         for g, chunk in enumerate(self.layer_chunks, start=1):
-            with hold(g):
+            with self._held(g, nn.ModuleList(chunk), rows):
                 for layer in chunk:
                     hidden = layer(hidden, attention_mask=masks[self.kinds[index]],
                                    position_embeddings=rope, position_ids=position_ids,
                                    use_cache=True, **{self._cache: cache})
                     index += 1
-        with hold(len(self.layer_chunks) + 1):
+        with self._held(len(self.layer_chunks) + 1, self.head, hidden.shape[0]):
             logits = self.model.lm_head(self.base.norm(hidden[:, -1:, :]))
         return logits[:, -1, :].float()
 

@@ -1,0 +1,72 @@
+"""Linear layers through oneDNN with their weights reordered once: CPU generation's matmuls.
+
+A plain `F.linear` on CPU re-packs the weight into the kernel's blocked layout at every call.
+Generation calls every Linear once per decode step on the same weights, so the rollout reorders
+each weight once (`torch.ops.mkldnn._reorder_linear_weight`) and runs the step's matmuls on the
+reordered copy (`torch.ops.mkldnn._linear_pointwise`). Measured here (one process, 64 rows, a
+24M Llama's Linears, weights streamed as in a decode step): float32 34.2 -> 25.5 ms, bfloat16
+16.9 -> 14.9 ms. The price is a second copy of the Linear weights while the rollout runs.
+
+`packed_linears(model)` installs it for the duration of a `with` block; `linear(module, x)` is
+what a caller that takes a Linear's weight itself (the fused decoder layers) calls instead of
+F.linear so that it runs on the reordered copy too. Float32 results differ from MKL's in the
+last bits (a different summation order), as any two matmul kernels do.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+_PACKED = "_grpo_packed_weight"
+
+
+def packing_supported(model: nn.Module) -> str | None:
+    """None if `model`'s Linears can run on reordered oneDNN weights here, else why not."""
+    param = next(model.parameters(), None)
+    if param is None or param.device.type != "cpu":
+        return "oneDNN weight packing is for CPU parameters"
+    if not torch.backends.mkldnn.is_available():
+        return "this torch build has no oneDNN (mkldnn)"
+    if param.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return "this CPU has no bf16 support in oneDNN"
+    if param.dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {param.dtype} (float32 and bfloat16 only)"
+    return None
+
+
+def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """module(x), on the reordered weight while `packed_linears` holds one for it."""
+    packed = getattr(module, _PACKED, None)
+    if packed is None:
+        return F.linear(x, module.weight, module.bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+
+
+@contextmanager
+def packed_linears(model: nn.Module, rows_hint: int) -> Iterator[int]:
+    """Reorder every nn.Linear weight of `model` once; their forwards use the copies until exit.
+
+    The weights must stay as they are inside the block (no training step). `rows_hint` is the
+    expected rows per call (oneDNN picks the layout for it; other row counts work too). Yields
+    the bytes of the copies.
+    """
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    own_forwards = {m: m.__dict__["forward"] for m in linears if "forward" in m.__dict__}
+    try:
+        for m in linears:
+            setattr(m, _PACKED, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(),
+                                                                        rows_hint))
+            m.forward = types.MethodType(linear, m)
+        yield sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    finally:
+        for m in linears:
+            m.__dict__.pop(_PACKED, None)
+            m.__dict__.pop("forward", None)
+            if m in own_forwards:  # a forward set on the instance before us comes back
+                m.forward = own_forwards[m]
