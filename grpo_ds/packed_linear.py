@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -48,22 +48,30 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
 
+def linear_modules(model: nn.Module) -> list[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
 @contextmanager
-def packed_linears(model: nn.Module, rows_hint: int) -> Iterator[int]:
+def packed_linears(model: nn.Module, rows_hint: int, hold=None) -> Iterator[int]:
     """Reorder every nn.Linear weight of `model` once; their forwards use the copies until exit.
 
     The weights must stay as they are inside the block (no training step). `rows_hint` is the
-    expected rows per call (oneDNN picks the layout for it; other row counts work too). Yields
-    the bytes of the copies.
+    expected rows per call (oneDNN picks the layout for it; other row counts work too).
+    `hold(i)`, if given, is a context that makes the i-th Linear's (of `linear_modules`) weight
+    whole while it is reordered: ZeRO-3 can gather it and partition it again right after, the
+    copy standing in for the gathered weight. Yields the bytes of the copies.
     """
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    linears = linear_modules(model)
     own_forwards = {m: m.__dict__["forward"] for m in linears if "forward" in m.__dict__}
     try:
-        for m in linears:
-            setattr(m, _PACKED, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(),
-                                                                        rows_hint))
+        for i, m in enumerate(linears):
+            with hold(i) if hold is not None else nullcontext():
+                packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows_hint)
+            setattr(m, _PACKED, packed)
             m.forward = types.MethodType(linear, m)
-        yield sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        yield sum(getattr(m, _PACKED).numel() * getattr(m, _PACKED).element_size()
+                  for m in linears)
     finally:
         for m in linears:
             m.__dict__.pop(_PACKED, None)

@@ -338,13 +338,20 @@ def gathered_generation_bytes(spec: ModelSpec, p: int, shape: TrainingShape
     return max(pairs), f"layer groups of {k}: two neighbours gathered", k
 
 
-def packed_generation_bytes(spec: ModelSpec, p: int, k: int | None) -> int:
-    """The oneDNN copies of the gathered Linear weights (packed_linear.py): all of them with
-    the full copy, one group's with layer groups of k (norms counted as Linears: negligible)."""
+def packed_generation_bytes(spec: ModelSpec, p: int, k: int | None, zero3: bool) -> int:
+    """What the oneDNN copies of the Linears (packed_linear.py) add to the gathered weights.
+
+    ZeRO-3 full gather: each Linear is gathered, copied and partitioned again, so the copies
+    replace the gathered Linears; only a tied lm_head's copy adds (the embedding stays gathered).
+    Layer groups of k: one group's copies at a time. Without ZeRO-3 the weights are whole all
+    along and every Linear is copied. (Norms are counted with the layers: negligible.)
+    """
     head = spec.head_params or spec.embed_params  # a tied lm_head is a Linear on the embedding
-    if k is None:
-        return p * (spec.num_layers * spec.layer_params + head)
-    return p * max(k * spec.layer_params, head)
+    if k is not None:
+        return p * max(k * spec.layer_params, head)
+    if zero3:
+        return p * spec.embed_params if spec.tie_word_embeddings else 0
+    return p * (spec.num_layers * spec.layer_params + head)
 
 
 def reference_components(spec, shape: TrainingShape, zero: ZeroSettings, world, p) -> list:
@@ -375,7 +382,7 @@ def generation_components(spec, shape: TrainingShape, zero: ZeroSettings, p,
         gathered, note, k = 0, "stage < 3: params are already whole", None
     packed = 0
     if device_is_host and shape.packed_weights != "off":
-        packed = packed_generation_bytes(spec, p, k)
+        packed = packed_generation_bytes(spec, p, k, zero.stage >= 3)
     kv = kv_cache_bytes(spec, p, rows, shape.seq_len)
     prefill_tokens = shape.prompts_per_rank * shape.prompt_len  # shared prefill: each prompt once
     prefill = prefill_tokens * inference_token_bytes(spec, p)
@@ -386,7 +393,7 @@ def generation_components(spec, shape: TrainingShape, zero: ZeroSettings, p,
     return [
         Component("generation gathered weights", "generation", device=gathered, note=note),
         Component("generation packed weights", "generation", device=packed,
-                  note="oneDNN copies of the Linears (rollout.packed_weights, CPU)"),
+                  note="oneDNN copies of the Linears beyond the gathered weights (CPU)"),
         Component("generation KV cache", "generation", device=kv + kv // spec.num_layers,
                   note=f"{rows} seqs x {shape.seq_len} tokens, + 1 layer copied on compaction"),
         Component("generation working", "generation", device=working,

@@ -235,20 +235,32 @@ def test_cpu_only_uses_one_ram_pool_per_node():
     g = p.grpo
     # device states 202,048 + 202,048 + 1,212,288 + reduce 2,000, no accelerator context;
     # host: reference 202,048 + runtime + heap kept by the allocator 1.75 x the larger gathered set
-    # (generation's 404,096) = 707,168; + generation 709,248, + its oneDNN copies of the Linears
-    # on CPU: 2 B x (2 layers x 36,992 + head 64,000) = 275,968
+    # (generation's 404,096) = 707,168; + generation 709,248 (the oneDNN copies of the Linears
+    # replace their gathered weights under ZeRO-3: + 0)
     assert g.ram_per_rank == (1_618_384 + 202_048 + planner.RUNTIME_HOST_BYTES + 707_168
-                              + 709_248 + 275_968)
-    unpacked = plan(shape=TrainingShape(**{**SHAPE.__dict__, "packed_weights": "off"}),
-                    budgets=Budgets(device_bytes=budget, host_bytes=budget, device_is_host=True))
-    assert g.ram_per_rank - unpacked.grpo.ram_per_rank == 275_968
-    assert by_name(plan())["generation packed weights"].device == 0  # only CPU ranks pack
-    # layer groups of 1: one group's Linears at a time, here the head (64,000 > 36,992)
-    assert planner.packed_generation_bytes(model_spec.llama_spec(SMALL), 2, 1) == 2 * 64_000
+                              + 709_248)
+    assert by_name(p)["generation packed weights"].device == 0
     assert g.ram_per_node == 2 * g.ram_per_rank  # 2 ranks on the node
     assert "RAM per node" in p.verdict and not p.fits
     roomy = plan(budgets=Budgets(device_bytes=8 * GIB, host_bytes=8 * GIB, device_is_host=True))
     assert roomy.fits and roomy.verdict == "fits"
+
+
+def test_packed_copies_add_only_where_they_do_not_replace_gathered_weights():
+    spec = model_spec.llama_spec(SMALL)  # layers 36,992 each, head 64,000, embedding 64,000
+    assert planner.packed_generation_bytes(spec, 2, None, zero3=True) == 0
+    assert planner.packed_generation_bytes(spec, 2, None, zero3=False) == 2 * (2 * 36_992 + 64_000)
+    # layer groups of 1: one group's copies at a time, the largest the head's
+    assert planner.packed_generation_bytes(spec, 2, 1, zero3=True) == 2 * 64_000
+    tied = model_spec.llama_spec({**SMALL, "tie_word_embeddings": True})
+    assert planner.packed_generation_bytes(tied, 2, None, zero3=True) == 2 * 64_000
+    cpu = Budgets(device_bytes=8 * GIB, host_bytes=8 * GIB, device_is_host=True)
+    layers = TrainingShape(**{**SHAPE.__dict__, "gather": "layers"})
+    packed = by_name(plan(shape=layers, budgets=cpu))["generation packed weights"].device
+    assert packed == 2 * 64_000
+    off = TrainingShape(**{**layers.__dict__, "packed_weights": "off"})
+    assert by_name(plan(shape=off, budgets=cpu))["generation packed weights"].device == 0
+    assert by_name(plan(shape=layers))["generation packed weights"].device == 0  # GPU: no packing
 
 
 @pytest.fixture

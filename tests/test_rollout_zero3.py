@@ -70,3 +70,9 @@ def test_engine_trains_after_generation(facts):
     assert facts["train_mode_restored"]
     assert facts["all_partitioned"]  # gathered weights were released
     assert facts["train_loss_finite"]
+
+
+@pytest.mark.multirank
+def test_packed_copies_stand_in_for_the_gathered_linears(facts):
+    assert facts["packed_linears_partitioned"] and facts["packed_others_gathered"]
+    assert facts["packed_bytes"] == facts["linear_weight_bytes"] > 0

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from grpo_ds.config import PACKED_WEIGHT_CHOICES
-from grpo_ds.packed_linear import packed_linears, packing_supported
+from grpo_ds.packed_linear import packing_supported
 from grpo_ds.rollout.attention import shared_prefix_attention
 from grpo_ds.rollout.backend import RolloutOutput, SamplingParams, left_pad
 from grpo_ds.rollout.cache import make_cache
@@ -137,13 +136,10 @@ class HybridRollout:
             any_rank = _any_rank_fn(self.model, ids.device) if forward.collective else None
             result = decode(forward, *args, any_rank=any_rank, compact=self.compact)
             return result, {"layers_per_group": forward.layers_per_group}
-        with full_gather(self.model, timings), self._packed(ids.shape[0] * group_size) as packed:
+        pack_rows = ids.shape[0] * group_size if self.pack else None
+        with full_gather(self.model, timings, pack_rows) as packed:
             result = decode(FullForward(self.model), *args, compact=self.compact)
         return result, {"packed_weight_bytes": packed}
-
-    def _packed(self, rows: int):
-        """packed_linears inside the full gather (the copies are of the whole weights), or 0."""
-        return packed_linears(self.model, rows) if self.pack else nullcontext(0)
 
     def _output(self, ids, mask, group_size, result, seconds, mode, timings, extra):
         width = int(result.lengths.max()) if result.lengths.numel() else 0

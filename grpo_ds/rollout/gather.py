@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -93,21 +93,40 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def full_gather(model: nn.Module, timings: dict) -> Iterator[None]:
+def full_gather(model: nn.Module, timings: dict, pack_rows: int | None = None) -> Iterator[int]:
     """Gather every parameter once (no-op on an unpartitioned model); frees them on exit.
 
-    Adds the all-gather time to timings["gather_seconds"].
+    pack_rows: the Linears run on copies reordered for oneDNN (packed_linear.py). Under ZeRO-3
+    each Linear's weights are then gathered in turn (with prefetch), reordered and partitioned
+    again: the copies take the place of the gathered Linears instead of adding to them. The rest
+    (embeddings, norms; a tied lm_head's weight is the embedding) stays gathered for the call.
+    Yields the bytes of the reordered copies (0 without pack_rows). Adds the all-gather time to
+    timings["gather_seconds"].
     """
-    params = [p for p in model.parameters() if is_zero3_param(p)]
-    if not params:
-        yield
-        return
-    import deepspeed
+    from grpo_ds.packed_linear import linear_modules, packed_linears
 
-    start = time.perf_counter()
-    with deepspeed.zero.GatheredParameters(params):
-        timings["gather_seconds"] = timings.get("gather_seconds", 0.0) + time.perf_counter() - start
-        yield
+    params = [p for p in model.parameters() if is_zero3_param(p)]
+    linears = linear_modules(model) if pack_rows is not None else []
+    # parameters some non-Linear module uses stay gathered for the whole call
+    used_elsewhere = {id(p) for m in model.modules() if not isinstance(m, nn.Linear)
+                      for p in m.parameters(recurse=False)}
+    alone = {id(p) for m in linears for p in m.parameters(recurse=False)} - used_elsewhere
+    kept = [p for p in params if id(p) not in alone]
+    with ExitStack() as stack:
+        if kept:
+            import deepspeed
+
+            start = time.perf_counter()
+            stack.enter_context(deepspeed.zero.GatheredParameters(kept))
+            timings["gather_seconds"] = (timings.get("gather_seconds", 0.0)
+                                         + time.perf_counter() - start)
+        if pack_rows is None:
+            yield 0
+            return
+        gatherer = GroupGatherer([[p for p in m.parameters(recurse=False) if id(p) in alone]
+                                  for m in linears], timings) if params else None
+        hold = gatherer.hold if gatherer is not None else None
+        yield stack.enter_context(packed_linears(model, pack_rows, hold))
 
 
 class GroupGatherer:

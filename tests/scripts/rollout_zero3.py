@@ -8,6 +8,8 @@ Phases (each prints "PHASE <name> ok" when done, so a hang shows where it stoppe
                 (the engine's model has the fused decoder layers, the copy HF's)
   uneven_full   rank 0 stops after 2 tokens, rank 1 runs 48 (full gather) - must not hang
   uneven_layers the same with layer groups (lockstep), plus a rank with 0 prompts
+  packed        inside the full gather with oneDNN copies: every Linear's weights partitioned
+                again (the copies stand in), everything else gathered
   train_after   the engine still trains: params partitioned again, train mode restored,
                 forward/backward/step run
 Rank 0 writes the collected facts to --out as JSON.
@@ -104,6 +106,24 @@ def uneven(engine, rank, gather, facts, empty_rank0=False):
     facts[key] = gathered
 
 
+def packed(engine, facts):
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    from grpo_ds.rollout.gather import full_gather, suspend_zero3_hooks
+
+    module = engine.module
+    linear = {id(m.weight) for m in module.modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad(), suspend_zero3_hooks(module), full_gather(module, {}, 4) as copies:
+        status = [(id(p) in linear, p.ds_status) for p in module.parameters()]
+    facts["packed_linears_partitioned"] = all(s == ZeroParamStatus.NOT_AVAILABLE
+                                              for is_linear, s in status if is_linear)
+    facts["packed_others_gathered"] = all(s == ZeroParamStatus.AVAILABLE
+                                          for is_linear, s in status if not is_linear)
+    facts["packed_bytes"] = copies
+    facts["linear_weight_bytes"] = sum(p.ds_numel * p.element_size()
+                                       for p in module.parameters() if id(p) in linear)
+
+
 def train_after(engine, facts):
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -134,6 +154,7 @@ def main():
                       ("uneven_layers", lambda: uneven(engine, rank, "layers", facts)),
                       ("uneven_layers_empty",
                        lambda: uneven(engine, rank, "layers", facts, empty_rank0=True)),
+                      ("packed", lambda: packed(engine, facts)),
                       ("train_after", lambda: train_after(engine, facts))]:
         run()
         print(f"rank {rank} PHASE {name} ok", flush=True)
