@@ -31,7 +31,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from grpo_ds.config import FUSED_LAYER_CHOICES
-from grpo_ds.packed_linear import linear
+from grpo_ds.packed_linear import is_packed, linear
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -133,9 +133,11 @@ def fused_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor
 
     A decode step without autograd (a few rows per sequence) runs the Linears one by one: its
     matmuls are small, and concatenating the weights at every step would cost more than the
-    wider matmul saves."""
-    if not torch.is_grad_enabled() and x.numel() // x.shape[-1] < FUSE_MIN_ROWS:
-        return [linear(lin, x) for lin in linears]  # on reordered weights during a rollout
+    wider matmul saves. So does any call while a rollout holds reordered copies of them
+    (packed_linear.py): their own weights may be partitioned then."""
+    small = x.numel() // x.shape[-1] < FUSE_MIN_ROWS
+    if not torch.is_grad_enabled() and (small or is_packed(linears[0])):
+        return [linear(lin, x) for lin in linears]
     biases = [lin.bias for lin in linears if lin.bias is not None]
     if biases and len(biases) != len(linears):
         raise ValueError("fused_linear needs all or none of the Linears to have a bias")

@@ -40,6 +40,11 @@ def packing_supported(model: nn.Module) -> str | None:
     return None
 
 
+def is_packed(module: nn.Linear) -> bool:
+    """Whether `module` runs on a reordered copy now (its own weight may be partitioned)."""
+    return hasattr(module, _PACKED)
+
+
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), on the reordered weight while `packed_linears` holds one for it."""
     packed = getattr(module, _PACKED, None)

@@ -64,3 +64,32 @@ def test_rollout_packs_where_supported_and_on_fails_where_not():
         HybridRollout(tiny_llama().half(), PAD, packed_weights="on")
     with pytest.raises(ValueError, match="packed_weights must be one of"):
         HybridRollout(model, PAD, packed_weights="yes")
+
+
+@needs_onednn
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("rows", [4, 1100])  # a decode step, and a prefill above FUSE_MIN_ROWS
+def test_forward_never_reads_the_partitioned_linear_weights(fused, rows):
+    # Under ZeRO-3 the rollout partitions each Linear again once its copy is made: the forward
+    # must run on the copies alone. Emptying the weights as DeepSpeed's release does shows it.
+    from grpo_ds.fused_layers import FUSE_MIN_ROWS, fuse_decoder_layers
+    from tests.test_rollout_engine import tiny_llama
+
+    assert (rows >= FUSE_MIN_ROWS) == (rows == 1100)
+    model = tiny_llama().eval()
+    if fused:
+        fuse_decoder_layers(model)
+    ids = torch.randint(2, 32, (1, rows))
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        expected = model(ids).logits
+        with packed_linears(model, rows_hint=rows):
+            whole = [m.weight.data for m in linears]
+            for m in linears:
+                m.weight.data = torch.empty(0)
+            try:
+                logits = model(ids).logits
+            finally:
+                for m, w in zip(linears, whole):
+                    m.weight.data = w
+    assert torch.allclose(logits, expected, atol=1e-4)
