@@ -21,7 +21,7 @@ def test_generation_bench_quick_prints_one_json_line():
     # without EOS every method decodes exactly prompts * G * new tokens (both ranks), DeepSpeed's
     # rollout through our adapter too: it runs on Qwen2 (HF fallback), fails on Llama (CUDA)
     expected = 2 * w["prompts_per_rank"] * w["group_size"] * w["new_tokens"]
-    for name in ("a", "a/layers", "b", "c", "d"):
+    for name in ("a", "a/layers", "a/unpacked", "b", "c", "d"):
         assert no_eos[name]["tokens"] == expected, name
     from deepspeed.accelerator import get_accelerator
 

@@ -13,7 +13,8 @@ stage3_param_persistence_threshold 0 (every weight partitioned), 1 torch thread 
 Sampling: temperature 1, top_p 1, top_k 0.
 
 Methods (same prompts, G and lengths):
-  a  ours: HybridRollout, full gather once per call (and "a/layers": layer groups, 2 per group)
+  a  ours: HybridRollout, full gather once per call (and "a/layers": layer groups, 2 per group;
+     "a/unpacked": full gather with rollout.packed_weights off, torch's default CPU matmuls)
   b  HF generate on gathered weights: GatheredParameters once + num_return_sequences=G; it
      prefills every prompt G times. DeepSpeed's forward hooks are suspended for it exactly as
      for ours (TRL does the same): with the hooks on, the gathered weights are re-partitioned
@@ -222,10 +223,13 @@ def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: in
     params = SamplingParams(max_new_tokens=w.new_tokens, stop_token_ids=stop)
     ours = HybridRollout(engine.module, PAD_ID, gather="full")
     layered = HybridRollout(engine.module, PAD_ID, gather="layers", layers_per_group=2)
+    unpacked = HybridRollout(engine.module, PAD_ID, gather="full", packed_weights="off")
     methods = {
         "a": lambda: ours.generate(prompts, w.group_size, params, seed=rank).metrics["tokens"],
         "a/layers": lambda: layered.generate(prompts, w.group_size, params,
                                              seed=rank).metrics["tokens"],
+        "a/unpacked": lambda: unpacked.generate(prompts, w.group_size, params,
+                                                seed=rank).metrics["tokens"],
         "b": lambda: hf_generate(engine.module, prompts, w, w.new_tokens, eos, gathered=True),
     }
     results = {}
@@ -336,6 +340,7 @@ def add_ratios(report: dict) -> dict:
 
 NAMES = {"a": "a  ours, HybridRollout (full gather)",
          "a/layers": "a' ours, HybridRollout (layer groups of 2)",
+         "a/unpacked": "a\" ours, full gather, packed_weights off",
          "b": "b  HF generate, gathered weights",
          "c": "c  HF generate, sharded, synced_gpus",
          "d": "d  DeepSpeed HybridEngineRollout (Qwen2)",
