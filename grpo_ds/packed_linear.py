@@ -3,9 +3,10 @@
 A plain `F.linear` on CPU re-packs the weight into the kernel's blocked layout at every call.
 Generation calls every Linear once per decode step on the same weights, so the rollout reorders
 each weight once (`torch.ops.mkldnn._reorder_linear_weight`) and runs the step's matmuls on the
-reordered copy (`torch.ops.mkldnn._linear_pointwise`). Measured here (one process, 64 rows, a
-24M Llama's Linears, weights streamed as in a decode step): float32 34.2 -> 25.5 ms, bfloat16
-16.9 -> 14.9 ms. The price is a second copy of the Linear weights while the rollout runs.
+reordered copy (`torch.ops.mkldnn._linear_pointwise`): the generation bench's `a/unpacked`
+row measures what it buys in a whole rollout. Without ZeRO-3 the copies are a second set of the
+Linear weights while the rollout runs; under ZeRO-3 they stand in for the gathered ones
+(rollout/gather.py, `full_gather`).
 
 `packed_linears(model)` installs it for the duration of a `with` block; `linear(module, x)` is
 what a caller that takes a Linear's weight itself (the fused decoder layers) calls instead of

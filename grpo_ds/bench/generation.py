@@ -26,15 +26,15 @@ Methods (same prompts, G and lengths):
      gathers, EOS ignored). Row "d/llama" tries Llama and reports the error text.
 Every method decodes the same number of new tokens (c and d are slow: most of the run is theirs).
   f  floor: a's weight matmuls alone (every Linear on the rows a's no-EOS call feeds it, on the
-     gathered weights, both ranks at once): no method running those matmuls with torch's kernels
-     can be faster, so floor / c bounds how much faster than c any method can be on this machine.
+     gathered weights and a's kernels, both ranks at once): no method running those matmuls on
+     these kernels can be faster, so floor / c bounds how much faster than c any method can be.
 
 Scenarios:
   no_eos   no stop token: every method generates exactly N*G*max_new_tokens tokens.
   eos      random weights almost never emit EOS (p ~ 1/8192), so the EOS row of lm_head is scaled
-           by 100: EOS then ends completions at varied lengths (mean ~70 of 128, ~1/3 run to
-           the limit). Only tokens up to and including the first EOS count ("useful tokens");
-           HF generate keeps computing finished rows, ours drops them from the batch.
+           by 100: EOS then ends completions at varied lengths (about 40 of 128 on average).
+           Only tokens up to and including the first EOS count ("useful tokens"); HF generate
+           keeps computing finished rows, ours drops them from the batch.
 Timing: wall time from a barrier before to a barrier after (the slowest rank), tokens summed over
 ranks; each method runs `--repeats` interleaved rounds (default 2) and the best round counts.
 The table also shows CPU seconds (the slowest rank's process CPU time) and the ratios computed
