@@ -122,12 +122,13 @@ class LayeredForward:
                 for kind, (make, cache_name) in self.mask_makers.items()}
 
     def _held(self, g: int, modules: nn.Module, rows: int):
-        """Group g gathered, and its Linears packed if asked."""
-        stack = ExitStack()
-        stack.enter_context(self.gatherer.hold(g))
-        if self.pack:
-            stack.enter_context(packed_linears(modules, rows))
-        return stack
+        """Group g gathered, and its Linears packed if asked (one context for both; if packing
+        fails, the group is released before the error leaves)."""
+        with ExitStack() as stack:
+            stack.enter_context(self.gatherer.hold(g))
+            if self.pack:
+                stack.enter_context(packed_linears(modules, rows))
+            return stack.pop_all()
 
     def __call__(self, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
         hold, rows = self.gatherer.hold, input_ids.numel()
