@@ -133,7 +133,7 @@ class RolloutConfig:
     memory_budget_gb: float | None = None
     """Device memory the gathered weights may take; None means the full model fits."""
     packed_weights: str = "auto"
-    """CPU: run the Linears on weights reordered for oneDNN once per rollout (per group gather with `layers`): a second copy of the gathered Linear weights while sampling, faster decode matmuls. `auto` (where supported), `on`, `off`."""
+    """CPU: run the Linears on weights reordered for oneDNN once per rollout (per group gather with `layers`): faster decode matmuls; under ZeRO-3 with the full gather the copies replace the gathered Linears, otherwise they add to them. `auto` (where supported), `on`, `off`."""
     logprob_tolerance: float = 1e-3
     """mu > 1: sampled log-probs serve as old log-probs while their gap to the trainer's forward is below this."""
 

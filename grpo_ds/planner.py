@@ -55,6 +55,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from grpo_ds.config import PACKED_WEIGHT_CHOICES
 from grpo_ds.model_spec import ModelSpec
 
 GIB = 2**30
@@ -156,7 +157,7 @@ class TrainingShape:
         for name, allowed in (("dtype", tuple(DTYPE_BYTES)), ("gather", ("full", "layers", "auto")),
                               ("reference", ("cpu_offload", "sharded", "none")),
                               ("attention", ("sdpa", "eager")),
-                              ("packed_weights", ("auto", "on", "off"))):
+                              ("packed_weights", PACKED_WEIGHT_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
         for name in ("group_size", "prompt_len", "max_new_tokens", "prompts_per_rank",

@@ -174,9 +174,9 @@ def weight_matmuls(module, prompts, w: Workload):
     """
     import torch
 
-    from grpo_ds.packed_linear import linear
+    from grpo_ds.packed_linear import linear, linear_modules
 
-    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    linears = linear_modules(module)
     head = module.get_output_embeddings()
     dtype = next(module.parameters()).dtype
     prefill_rows, decode_rows = len(prompts) * w.prompt_len, len(prompts) * w.group_size
@@ -292,19 +292,15 @@ def worker(args) -> None:
 
 
 def time_weight_matmuls(engine, prompts, w: Workload, repeats: int) -> dict:
-    """`weight_matmuls` on the gathered weights, both ranks at once (they share the memory
-    bus as in the real calls); the best of `repeats` rounds."""
-    from contextlib import nullcontext
+    """`weight_matmuls` on the weights held as ours holds them (full_gather, oneDNN copies where
+    supported), both ranks at once (they share the memory bus as in the real calls); the best of
+    `repeats` rounds."""
+    from grpo_ds.packed_linear import packing_supported
+    from grpo_ds.rollout.gather import full_gather, suspend_zero3_hooks
 
-    import deepspeed
-
-    from grpo_ds.packed_linear import packed_linears, packing_supported
-    from grpo_ds.rollout.gather import suspend_zero3_hooks
-
-    module, rows = engine.module, len(prompts) * w.group_size
-    pack = packed_linears(module, rows) if packing_supported(module) is None else nullcontext()
-    gather = deepspeed.zero.GatheredParameters(list(module.parameters()))
-    with suspend_zero3_hooks(module), gather, pack:  # pack enters last: it reads gathered weights
+    module = engine.module
+    pack_rows = len(prompts) * w.group_size if packing_supported(module) is None else None
+    with suspend_zero3_hooks(module), full_gather(module, {}, pack_rows):
         run = weight_matmuls(module, prompts, w)
         rounds = [timed(run) for _ in range(repeats)]
     return max(rounds, key=lambda r: r["tokens_per_second"])

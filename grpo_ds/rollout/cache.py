@@ -46,12 +46,19 @@ class PreallocatedLayer(DynamicLayer):
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} tokens)")
+        self._reserve(end)
         self.key_buffer[:, :, self.length:end] = key_states
         self.value_buffer[:, :, self.length:end] = value_states
         self.length = end
-        self.keys = self.key_buffer[:, :, :end]
-        self.values = self.value_buffer[:, :, :end]
+        self._views()
         return self.keys, self.values
+
+    def _reserve(self, end: int) -> None:
+        """Make the buffers hold `end` columns (these are preallocated to the capacity)."""
+
+    def _views(self) -> None:
+        self.keys = self.key_buffer[:, :, :self.length]
+        self.values = self.value_buffer[:, :, :self.length]
 
     def get_seq_length(self) -> int:
         return self.length
@@ -65,8 +72,7 @@ class PreallocatedLayer(DynamicLayer):
         self.value_buffer = self._empty_like(values, values.shape[0])
         self.key_buffer[:, :, :self.length] = keys
         self.value_buffer[:, :, :self.length] = values
-        self.keys = self.key_buffer[:, :, :self.length]
-        self.values = self.value_buffer[:, :, :self.length]
+        self._views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._rebuild(lambda t: t.repeat_interleave(repeats, dim=0))
@@ -82,10 +88,10 @@ class SharedPrefixLayer(PreallocatedLayer):
     """Prefill as PreallocatedLayer; `batch_repeat_interleave(G)` then shares the prompt part.
 
     After sharing, `update` returns the whole completion buffers `[B, Hkv, alloc, D]` (alloc a
-    multiple of OWN_CHUNK or the capacity, columns >= `length` zero) carrying a `shared_prefix` attribute (this
-    layer: prefix_keys, prefix_values, rows, group_size, own_keep) that the attention function
-    uses; `rows [B]` maps live rows to original rows i*G + g, `own_keep [alloc]` marks the filled
-    columns. `keys`/`values` stay views of the filled part.
+    multiple of OWN_CHUNK or the capacity, columns >= `length` zero) carrying a `shared_prefix`
+    attribute (this layer: prefix_keys, prefix_values, rows, group_size, own_keep) that the
+    attention function uses; `rows [B]` maps live rows to original rows i*G + g, `own_keep
+    [alloc]` marks the filled columns. `keys`/`values` stay views of the filled part.
     """
 
     def __init__(self, capacity: int):
@@ -110,14 +116,16 @@ class SharedPrefixLayer(PreallocatedLayer):
         return states.new_zeros((rows, heads, columns, dim))
 
     def _views(self) -> None:
-        self.keys = self.key_buffer[:, :, :self.length]
-        self.values = self.value_buffer[:, :, :self.length]
-        alloc = self.key_buffer.shape[-2]
-        self.own_keep = torch.arange(alloc, device=self.key_buffer.device) < self.length
+        super()._views()
+        if self.shared:
+            alloc = self.key_buffer.shape[-2]
+            self.own_keep = torch.arange(alloc, device=self.key_buffer.device) < self.length
 
-    def _grow(self, end: int) -> None:
-        """Reallocate the completion buffers to the next multiple of OWN_CHUNK >= end (at most
+    def _reserve(self, end: int) -> None:
+        """Shared: grow the completion buffers to the next multiple of OWN_CHUNK >= end (at most
         the capacity, so a short completion never holds more than max_new_tokens columns)."""
+        if not self.shared or end <= self.key_buffer.shape[-2]:
+            return
         alloc = min(-(-end // OWN_CHUNK) * OWN_CHUNK, self.capacity)
         for name in ("key_buffer", "value_buffer"):
             old = getattr(self, name)
@@ -126,17 +134,9 @@ class SharedPrefixLayer(PreallocatedLayer):
             setattr(self, name, new)
 
     def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
         if not self.shared:
-            return super().update(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache capacity {self.capacity} exceeded ({end} tokens)")
-        if end > self.key_buffer.shape[-2]:
-            self._grow(end)
-        self.key_buffer[:, :, self.length:end] = key_states
-        self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        self._views()
+            return keys, values
         self.key_buffer.shared_prefix = self
         return self.key_buffer, self.value_buffer
 

@@ -107,6 +107,7 @@ class LayeredForward:
         # pack: each group's Linears run on weights reordered for oneDNN right after its gather,
         # the kernels of the full-gather path (the two paths sample identical tokens)
         self.pack = pack
+        self.chunk_modules = [nn.ModuleList(chunk) for chunk in self.layer_chunks]
         self.head = nn.ModuleList([self.base.norm, model.lm_head])
         self.collective = any(len(g) for g in self.gatherer.groups)
         self._cache = cache_kwarg(layers[0].forward) if layers else "past_key_values"
@@ -138,8 +139,8 @@ class LayeredForward:
         masks = self._masks(hidden, attention_mask, position_ids, cache)
         rope = self.base.rotary_emb(hidden, position_ids)
         index = 0
-        for g, chunk in enumerate(self.layer_chunks, start=1):
-            with self._held(g, nn.ModuleList(chunk), rows):
+        for g, (chunk, modules) in enumerate(zip(self.layer_chunks, self.chunk_modules), start=1):
+            with self._held(g, modules, rows):
                 for layer in chunk:
                     hidden = layer(hidden, attention_mask=masks[self.kinds[index]],
                                    position_embeddings=rope, position_ids=position_ids,
