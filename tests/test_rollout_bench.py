@@ -28,8 +28,17 @@ def test_generation_bench_quick_prints_one_json_line():
     if get_accelerator().device_name() == "cpu":
         assert "not been implemented on CPU" in no_eos["d/llama"]["error"]
     assert no_eos["a"]["x_vs_b"] > 0 and no_eos["a"]["x_vs_c"] > 0
-    # the floor runs a's weight matmuls for the same tokens, and is compared with c like a
-    assert no_eos["floor"]["tokens"] == expected and no_eos["floor"]["x_vs_c"] > 0
+    # the floor runs a's weight matmuls for the same tokens, and is compared with c like a;
+    # the KV reads are the bytes ceiling.py counts, and floor+kv takes as long as the two
+    floor, kv, both = no_eos["floor"], no_eos["kv_read"], no_eos["floor+kv"]
+    assert floor["tokens"] == kv["tokens"] == both["tokens"] == expected
+    assert 0 < floor["fraction_of_peak"] and floor["x_vs_c"] > both["x_vs_c"] > 0
+    assert both["seconds"] == floor["seconds"] + kv["seconds"]
+    from grpo_ds.bench.ceiling import DecodeShape, kv_read_bytes
+
+    shape = DecodeShape(w["prompts_per_rank"], w["group_size"], w["prompt_len"], w["new_tokens"],
+                        w["layers"], w["hidden"])
+    assert kv["bytes_per_rank"] == kv_read_bytes(shape, element_size=4)
     assert no_eos["a"]["x_vs_b_cpu"] > 0 and no_eos["a"]["cpu_seconds"] > 0
     # with EOS our two gather modes sample the same tokens (same seed), so count the same
     assert eos["a"]["tokens"] == eos["a/layers"]["tokens"] <= expected

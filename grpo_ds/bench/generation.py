@@ -26,8 +26,12 @@ Methods (same prompts, G and lengths):
      gathers, EOS ignored). Row "d/llama" tries Llama and reports the error text.
 Every method decodes the same number of new tokens (c and d are slow: most of the run is theirs).
   f  floor: a's weight matmuls alone (every Linear on the rows a's no-EOS call feeds it, on the
-     gathered weights and a's kernels, both ranks at once): no method running those matmuls on
-     these kernels can be faster, so floor / c bounds how much faster than c any method can be.
+     gathered weights and a's kernels, both ranks at once), with their share of the dense
+     matmul peak measured in the same run (mfu.py): no method running those matmuls on these
+     kernels can be faster, and none on this CPU can be much faster than the share allows.
+  k  KV reads: the keys and values a's decode forwards must read (prompt part once per prompt),
+     read once at the rate torch.sum streams memory, both ranks at once.
+  f+k  the two one after the other. ceiling.py says what each counts.
 
 Scenarios:
   no_eos   no stop token: every method generates exactly N*G*max_new_tokens tokens.
@@ -162,41 +166,6 @@ def timed(fn) -> dict:
             "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu}
 
 
-def weight_matmuls(module, prompts, w: Workload):
-    """The weight matmuls of ours' no-EOS call, alone: a floor on any method's time here.
-
-    Every Linear of the model on the rows one call feeds it: prefill on N * Tp rows (lm_head on
-    the N last positions only), then max_new_tokens decode steps on N * G rows, layer by layer
-    as a real step streams the weights, on the kernels ours runs (oneDNN on reordered weights
-    where supported, packed_linear.py; the reorder itself is not timed). Gathering, attention,
-    norms, sampling and Python are left out, so no method running these matmuls with these
-    kernels can be faster. Returns a callable for `timed` that counts the tokens ours generates.
-    """
-    import torch
-
-    from grpo_ds.packed_linear import linear, linear_modules
-
-    linears = linear_modules(module)
-    head = module.get_output_embeddings()
-    dtype = next(module.parameters()).dtype
-    prefill_rows, decode_rows = len(prompts) * w.prompt_len, len(prompts) * w.group_size
-    inputs = {}  # (rows, in_features) -> a random input, made once outside the timing
-    for rows in (prefill_rows, decode_rows, len(prompts)):
-        for m in linears:
-            inputs.setdefault((rows, m.in_features), torch.randn(rows, m.in_features, dtype=dtype))
-
-    def run() -> int:
-        with torch.no_grad():
-            for m in linears:
-                linear(m, inputs[(len(prompts) if m is head else prefill_rows, m.in_features)])
-            for _ in range(w.new_tokens):
-                for m in linears:
-                    linear(m, inputs[(decode_rows, m.in_features)])
-        return decode_rows * w.new_tokens
-
-    return run
-
-
 def hybrid_backend(w: Workload, dtype: str, arch: str):
     """DeepSpeed HybridEngineRollout on a fresh hybrid-engine ZeRO-3 engine, or the error text."""
     from types import SimpleNamespace
@@ -283,7 +252,7 @@ def worker(args) -> None:
     for eos in (False, True):
         results = run_methods(engine, hybrids, prompts, w, eos, rank, args.repeats)
         report["scenarios"]["eos" if eos else "no_eos"] = results
-    report["scenarios"]["no_eos"]["floor"] = time_weight_matmuls(engine, prompts, w, args.repeats)
+    report["scenarios"]["no_eos"].update(measure_ceiling(engine, prompts, w, args.repeats))
     if args.profile:
         profile_ours(engine, prompts, w, f"{args.profile}.rank{rank}")
     if rank == 0:
@@ -291,18 +260,44 @@ def worker(args) -> None:
             json.dump(report, f)
 
 
-def time_weight_matmuls(engine, prompts, w: Workload, repeats: int) -> dict:
-    """`weight_matmuls` on the weights held as ours holds them (full_gather, oneDNN copies where
-    supported), both ranks at once (they share the memory bus as in the real calls); the best of
-    `repeats` rounds."""
+def decode_shape(w: Workload, prompts: int):
+    from grpo_ds.bench.ceiling import DecodeShape
+
+    return DecodeShape(prompts=prompts, group_size=w.group_size, prompt_len=w.prompt_len,
+                       new_tokens=w.new_tokens, layers=w.layers, kv_dim=w.hidden)
+
+
+def measure_ceiling(engine, prompts, w: Workload, repeats: int) -> dict:
+    """ceiling.py's two parts of ours' no-EOS call, best of `repeats` rounds each, both ranks at
+    once: {"floor": the weight matmuls on the weights held as ours holds them (full_gather,
+    oneDNN copies where supported) with their fraction of the dense matmul peak, "kv_read": the
+    KV cache bytes read at stream rate, "floor+kv": the two one after the other}."""
+    from grpo_ds.bench.ceiling import kv_read_bytes, stream_reads, weight_matmuls
+    from grpo_ds.bench.mfu import peak_all_ranks
     from grpo_ds.packed_linear import packing_supported
     from grpo_ds.rollout.gather import full_gather, suspend_zero3_hooks
 
-    module = engine.module
-    pack_rows = len(prompts) * w.group_size if packing_supported(module) is None else None
+    module, shape = engine.module, decode_shape(w, len(prompts))
+    dtype = next(module.parameters()).dtype
+    pack_rows = shape.rows if packing_supported(module) is None else None
     with suspend_zero3_hooks(module), full_gather(module, {}, pack_rows):
-        run = weight_matmuls(module, prompts, w)
-        rounds = [timed(run) for _ in range(repeats)]
+        run, flops = weight_matmuls(module, shape)
+        floor = _best([timed(run) for _ in range(repeats)])
+    kv_bytes = kv_read_bytes(shape, dtype.itemsize)
+    read = stream_reads(kv_bytes, tokens=shape.rows * shape.new_tokens)
+    kv = _best([timed(read) for _ in range(repeats)])
+    peak = max(rank["flops"] for rank in peak_all_ranks(dtype, seconds_per_size=0.5))
+    floor.update(flops_per_rank=flops, peak_flops=peak,
+                 fraction_of_peak=flops / floor["seconds"] / peak)
+    kv.update(bytes_per_rank=kv_bytes, bytes_per_second=2 * kv_bytes / kv["seconds"])
+    seconds, cpu = floor["seconds"] + kv["seconds"], floor["cpu_seconds"] + kv["cpu_seconds"]
+    both = {"tokens": floor["tokens"], "seconds": seconds,
+            "tokens_per_second": floor["tokens"] / seconds, "cpu_seconds": cpu,
+            "tokens_per_cpu_second": floor["tokens"] / cpu}
+    return {"floor": floor, "kv_read": kv, "floor+kv": both}
+
+
+def _best(rounds: list[dict]) -> dict:
     return max(rounds, key=lambda r: r["tokens_per_second"])
 
 
@@ -322,9 +317,9 @@ def profile_ours(engine, prompts, w: Workload, path: str) -> None:
 
 def add_ratios(report: dict) -> dict:
     """ours (a) tokens/s divided by b's and c's (wall and CPU time), per scenario; and the
-    floor's: the most any method running the same weight matmuls could be faster than b or c."""
+    floor's and floor+kv's: how much faster than b or c a method doing only those parts runs."""
     for results in report["scenarios"].values():
-        for fast in ("a", "floor"):
+        for fast in ("a", "floor", "floor+kv"):
             for ref in ("b", "c"):
                 if fast in results and "tokens_per_second" in results.get(ref, {}):
                     this, other = results[fast], results[ref]
@@ -341,7 +336,9 @@ NAMES = {"a": "a  ours, HybridRollout (full gather)",
          "c": "c  HF generate, sharded, synced_gpus",
          "d": "d  DeepSpeed HybridEngineRollout (Qwen2)",
          "d/llama": "d' DeepSpeed HybridEngineRollout (Llama)",
-         "floor": "f  floor: a's weight matmuls alone"}
+         "floor": "f  floor: a's weight matmuls alone",
+         "kv_read": "k  a's KV cache reads alone, at stream rate",
+         "floor+kv": "f+k  weight matmuls, then KV reads"}
 
 
 def format_table(report: dict) -> str:
@@ -366,10 +363,12 @@ def format_table(report: dict) -> str:
             lines.append(f"{NAMES[key]:45s} {r['tokens']:7d} {r['seconds']:8.1f} "
                          f"{r['tokens_per_second']:7.1f} {ratio:6.2f}x {r['cpu_seconds']:7.1f} "
                          f"{cpu_ratio:9.2f}x")
-        floor = results.get("floor", {})
-        if "x_vs_c" in floor:
+        floor, both = results.get("floor", {}), results.get("floor+kv", {})
+        if "x_vs_c" in floor and "x_vs_c" in both:
             lines.append(f"the weight matmuls alone run {floor['x_vs_c']:.2f}x c's rate "
-                         f"({floor['x_vs_b']:.2f}x b's): no method here can be faster than c by more")
+                         f"({floor['x_vs_b']:.2f}x b's) at {floor['fraction_of_peak']:.2f} of "
+                         f"the dense matmul peak; then reading the KV cache once: "
+                         f"{both['x_vs_c']:.2f}x c's rate ({both['x_vs_b']:.2f}x b's)")
     return "\n".join(lines)
 
 
