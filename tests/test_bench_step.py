@@ -62,3 +62,14 @@ def test_bench_step_quick_prints_one_json_line():
     assert one["ranks"] == 1 and one["step_seconds"] > 0
     assert one["step_seconds_over_main"] == pytest.approx(one["step_seconds"]
                                                           / report["step_seconds"])
+
+
+def test_matmul_peak_is_the_fastest_kernel_and_size():
+    import torch
+
+    from grpo_ds.bench.mfu import matmul_peak, peak_kernels
+
+    peak = matmul_peak(torch.float32, seconds_per_size=0.01, sizes=(32, 64))
+    kernels = peak_kernels(torch.float32)
+    assert set(peak["by_size"]) == {f"{k}/{n}" for k in kernels for n in (32, 64)}
+    assert peak["flops"] == max(peak["by_size"].values()) > 0
