@@ -176,10 +176,14 @@ def run_step(ctx: dict, step: int) -> dict:
         with Clock() as updated, ctx.get("update_profiler") or contextlib.nullcontext():
             update(engine, batch, cfg, plan)
     cpu = [scored.cpu, reference.cpu, updated.cpu, whole.cpu]
-    local = [metrics["time/generation"], *(engine.seconds[k] for k in UPDATE_PARTS), *cpu]
+    # rewards: what a rank's own generate_and_score took beyond its own generation. The slowest
+    # rank's scored wall time minus another rank's generation mixes two ranks' clocks, and with
+    # the ranks leaving the first barrier at different moments it could come out at 0.
+    own_rewards = scored.local - metrics["time/generation"]
+    local = [metrics["time/generation"], *(engine.seconds[k] for k in UPDATE_PARTS), *cpu,
+             own_rewards]
     ranks = gather_floats(local)
-    generation = max(r[0] for r in ranks)
-    seconds = {"generation": generation, "rewards": max(scored.seconds - generation, 0.0),
+    seconds = {"generation": max(r[0] for r in ranks), "rewards": max(r[-1] for r in ranks),
                "reference": reference.seconds, "old_logprobs": 0.0, "update": updated.seconds,
                "step": whole.seconds}
     for i, key in enumerate(UPDATE_PARTS, start=1):
