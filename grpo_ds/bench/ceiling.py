@@ -78,7 +78,7 @@ def weight_matmuls(module, shape: DecodeShape):
 
 
 def stream_reads(nbytes: int, tokens: int, buffer_bytes: int = STREAM_BUFFER_BYTES):
-    """`run()` reads `nbytes` (rounded up to whole bytes of float32) from a buffer larger than
+    """`run()` reads `nbytes` (rounded up to whole float32 elements) from a buffer larger than
     the caches, with torch.sum, and returns `tokens` (the call's, so rates compare)."""
     buffer = torch.ones(buffer_bytes // 4)
     whole, rest = divmod(-(-nbytes // 4), buffer.numel())
