@@ -11,6 +11,7 @@ import atexit
 import copy
 import glob
 import os
+import sys
 import time
 
 import deepspeed
@@ -41,6 +42,20 @@ def leave_process_group() -> None:
     exception", exit code 250). Local: no rank waits for another."""
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def finish_rank(code: int = 0) -> None:
+    """End a rank whose work is done and written, with exit code `code`, skipping C++ static
+    destructors and the rest of interpreter teardown.
+
+    Even after leave_process_group, gloo's and DeepSpeed's background threads now and then
+    abort a finished rank in those destructors ("terminate called without an active exception",
+    SIGABRT; seen in the two-step GRPO test), which fails the whole launch after all the work is
+    done. The process group is destroyed first, so no peer is left waiting."""
+    leave_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def clear_stale_build_locks(max_age_seconds: float = 1800.0) -> None:

@@ -16,7 +16,13 @@ import deepspeed.comm as dist
 
 from grpo_ds.checkpoint import Checkpointer, RunState, checkpoint_root, prepare_resume, resume_point
 from grpo_ds.config import Config, deepspeed_config, load_config, validate
-from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
+from grpo_ds.engine import (
+    build_policy,
+    build_reference,
+    finish_rank,
+    init_distributed,
+    load_sharded,
+)
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
 from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.host_memory import active_host_allocator
@@ -145,4 +151,4 @@ def train(cfg: Config) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    finish_rank(main())

@@ -59,21 +59,6 @@ def launch_workers(module: str, ranks: int, args: list[str], timeout: float,
             return json.load(f)
 
 
-def exit_worker() -> None:
-    """End a rank whose report is written, skipping C++ static destructors.
-
-    Left to them, gloo's and DeepSpeed's background threads now and then abort a finished rank
-    ("terminate called without an active exception", SIGABRT), which fails the whole launch
-    after all the work is done. The process group is destroyed first, so no peer is left waiting.
-    """
-    from grpo_ds.engine import leave_process_group
-
-    leave_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's list of floats (same length on all ranks), indexed [rank][i]."""
     import torch

@@ -56,7 +56,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from grpo_ds.bench.common import exit_worker, launch_workers
+from grpo_ds.bench.common import launch_workers
 
 EOS_ID, PAD_ID, EOS_SCALE = 1, 0, 100.0
 
@@ -388,8 +388,10 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        from grpo_ds.engine import finish_rank  # not at the top: --json's parent stays quiet
+
         worker(args)
-        exit_worker()
+        finish_rank(0)
     passed = (["--repeats", str(args.repeats), "--dtype", args.dtype]
               + (["--quick"] if args.quick else []))
     passed += ["--profile", os.path.abspath(args.profile)] if args.profile else []

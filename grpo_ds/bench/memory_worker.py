@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass, field
 
 from grpo_ds.bench.common import (
     device_peak,
-    exit_worker,
     memory_status,
     restart_peaks,
     say,
@@ -357,8 +356,10 @@ def main(argv=None) -> int:
         logprob_worker(args.out, [int(r) for r in rows.split("+")], int(vocab), int(hidden),
                        [int(c) for c in args.chunks.split(",")])
     else:
+        from grpo_ds.engine import finish_rank
+
         worker(Run(**json.loads(args.run)), args.out)
-        exit_worker()
+        finish_rank(0)
     return 0
 
 

@@ -48,7 +48,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from grpo_ds.bench.common import Clock, exit_worker, gather_floats, launch_workers, say
+from grpo_ds.bench.common import Clock, gather_floats, launch_workers, say
 from grpo_ds.config import FUSED_LAYER_CHOICES
 from grpo_ds.host_memory import HOST_ALLOCATORS
 
@@ -450,8 +450,10 @@ def main(argv=None) -> int:
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
+        from grpo_ds.engine import finish_rank  # not at the top: --json's parent stays quiet
+
         worker(args)
-        exit_worker()
+        finish_rank(0)
     configs = {"main": {"ranks": args.ranks, "dtype": args.dtype, "allocator": args.allocator,
                         "fused_layers": args.fused_layers}}
     for item in filter(None, args.compare.split(",")):

@@ -11,7 +11,7 @@ from deepspeed.utils import safe_get_full_grad
 
 from grpo_ds.batch import RolloutBatch
 from grpo_ds.config import deepspeed_config, load_config, validate
-from grpo_ds.engine import build_policy, init_distributed
+from grpo_ds.engine import build_policy, finish_rank, init_distributed
 from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.model import build_tiny_llama
 from grpo_ds.trainer import micro_batch_loss, step_counts
@@ -72,3 +72,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish_rank(0)

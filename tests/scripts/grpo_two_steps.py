@@ -13,7 +13,13 @@ import torch
 
 from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import deepspeed_config, load_config, validate
-from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
+from grpo_ds.engine import (
+    build_policy,
+    build_reference,
+    finish_rank,
+    init_distributed,
+    load_sharded,
+)
 from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import build_tiny_llama
@@ -86,3 +92,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish_rank(0)

@@ -24,7 +24,7 @@ import torch
 from deepspeed import comm as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_ds.engine import init_distributed
+from grpo_ds.engine import finish_rank, init_distributed
 from grpo_ds.fused_layers import fuse_decoder_layers
 from grpo_ds.rollout import HybridRollout, SamplingParams
 from grpo_ds.rollout.gather import gathered_bytes
@@ -165,3 +165,4 @@ def main():
 
 if __name__ == "__main__":
     main()
+    finish_rank(0)

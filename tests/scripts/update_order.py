@@ -11,7 +11,7 @@ import torch
 
 from grpo_ds.batch import RolloutBatch, left_pad, right_pad
 from grpo_ds.config import deepspeed_config, load_config, validate
-from grpo_ds.engine import build_policy, init_distributed
+from grpo_ds.engine import build_policy, finish_rank, init_distributed
 from grpo_ds.model import build_tiny_llama
 from grpo_ds.trainer import forward_logprobs, update
 
@@ -59,3 +59,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish_rank(0)
