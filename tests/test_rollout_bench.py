@@ -42,3 +42,6 @@ def test_generation_bench_quick_prints_one_json_line():
     assert no_eos["a"]["x_vs_b_cpu"] > 0 and no_eos["a"]["cpu_seconds"] > 0
     # with EOS our two gather modes sample the same tokens (same seed), so count the same
     assert eos["a"]["tokens"] == eos["a/layers"]["tokens"] <= expected
+    # c runs with EOS too: its useful tokens (through the first EOS) are its own samples'
+    assert 0 < eos["c"]["tokens"] <= expected and eos["a"]["x_vs_c"] > 0
+    assert "d" not in eos

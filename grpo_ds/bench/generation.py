@@ -38,7 +38,8 @@ Scenarios:
   eos      random weights almost never emit EOS (p ~ 1/8192), so the EOS row of lm_head is scaled
            by 100: EOS then ends completions at varied lengths (about 40 of 128 on average).
            Only tokens up to and including the first EOS count ("useful tokens"); HF generate
-           keeps computing finished rows, ours drops them from the batch.
+           keeps computing finished rows (c: until every row of both ranks has finished), ours
+           drops them from the batch. d does not run here: it ignores EOS.
 Timing: wall time from a barrier before to a barrier after (the slowest rank), tokens summed over
 ranks; each method runs `--repeats` interleaved rounds (default 2) and the best round counts.
 The table also shows CPU seconds (the slowest rank's process CPU time) and the ratios computed
@@ -201,10 +202,10 @@ def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: in
                                                 seed=rank).metrics["tokens"],
         "b": lambda: hf_generate(engine.module, prompts, w, w.new_tokens, eos, gathered=True),
     }
+    methods["c"] = lambda: hf_generate(engine.module, prompts, w, w.new_tokens, eos,
+                                       gathered=False)
     results = {}
-    if not eos:  # c and d only in the no-EOS scenario (d ignores EOS anyway)
-        methods["c"] = lambda: hf_generate(engine.module, prompts, w, w.new_tokens, eos,
-                                           gathered=False)
+    if not eos:  # d only in the no-EOS scenario: it ignores EOS
         for name, backend in hybrids.items():
             if isinstance(backend, str):
                 results[name] = {"error": backend}
