@@ -29,6 +29,7 @@ class ConfigError(ValueError):
 
 FUSED_LAYER_CHOICES = ("auto", "on", "off")
 PACKED_WEIGHT_CHOICES = ("auto", "on", "off")
+ONEDNN_LINEAR_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -42,6 +43,9 @@ class ModelConfig:
     fused_layers: str = "auto"
     """Decoder layers with fused matmuls, RMSNorm and rotary (grpo_ds/fused_layers.py): auto
     (Llama, Mistral, Qwen2; HF's layers for other models), on (error if unsupported), off."""
+    onednn_linears: str = "auto"
+    """Every Linear's forward and input gradient on oneDNN (grpo_ds/onednn_linear.py): auto
+    (float32 on CPU, where it is faster than torch's default), on (error if unsupported), off."""
     hidden_size: int = 128
     """Built-in model only: width of the Llama built for the default task."""
     num_layers: int = 2
@@ -363,6 +367,7 @@ CHOICES = {
     "deepspeed.reference_placement": ("cpu_offload", "sharded", "none"),
     "deepspeed.host_allocator": HOST_ALLOCATORS,
     "model.fused_layers": FUSED_LAYER_CHOICES,
+    "model.onednn_linears": ONEDNN_LINEAR_CHOICES,
 }
 
 POSITIVE = (

@@ -21,6 +21,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.model import CausalLMWithLogprobs, load_pretrained
+from grpo_ds.onednn_linear import apply_onednn_linears
 
 
 def init_distributed() -> None:
@@ -124,7 +125,8 @@ def load_sharded(path: str, ds_config: dict, dtype: str):
 
 def build_policy(lm: torch.nn.Module, ds_config: dict, chunk_size: int, gradient_checkpointing: bool):
     """Wrap the HF model and hand it to DeepSpeed; returns the engine (optimizer inside).
-    Fused layers (apply_fused_layers) must be applied to `lm` before: initialize sets the hooks."""
+    Fused layers and oneDNN Linears (apply_fused_layers, apply_onednn_linears) must be applied
+    to `lm` before: initialize sets the hooks."""
     # from_pretrained returns a model in eval mode, where HF skips gradient checkpointing
     # (it checks self.training): the policy trains, so it is in train mode from here on.
     lm.train()
@@ -158,21 +160,22 @@ def reference_ds_config(policy_ds: dict, placement: str) -> dict:
 
 
 def build_reference(path: str, policy_ds: dict, placement: str, dtype: str, chunk_size: int,
-                    fused_layers: str = "off"):
+                    fused_layers: str = "off", onednn_linears: str = "off"):
     """The frozen reference: a separate engine, never stepped; None when placement is 'none'."""
     if placement == "none":
         return None
     ds_config = reference_ds_config(policy_ds, placement)
     lm, _ = load_sharded(path, ds_config, dtype)
-    return reference_engine(lm, ds_config, chunk_size, fused_layers)
+    return reference_engine(lm, ds_config, chunk_size, fused_layers, onednn_linears)
 
 
 def reference_engine(lm: torch.nn.Module, ds_config: dict, chunk_size: int,
-                     fused_layers: str = "off"):
+                     fused_layers: str = "off", onednn_linears: str = "off"):
     """Freeze `lm` (built or loaded under `ds_config`, a reference_ds_config) and wrap it as the
     reference engine. The memory benchmark builds `lm` in zero.Init directly, without a file."""
     lm.requires_grad_(False)
     apply_fused_layers(lm, fused_layers)
+    apply_onednn_linears(lm, onednn_linears)
     module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)
     engine, *_ = deepspeed.initialize(model=module, config=ds_config)
     engine.eval()

@@ -26,11 +26,11 @@ import sys
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from grpo_ds.config import FUSED_LAYER_CHOICES
+from grpo_ds.onednn_linear import forward_product, input_grad, uses_onednn, weight_grad
 from grpo_ds.packed_linear import is_packed, linear
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -103,26 +103,27 @@ class FusedLinearFunction(torch.autograd.Function):
     """x @ cat(weights).T + cat(biases): several Linears on one input as one matmul.
 
     Saves the weights, not their concatenation (module docstring: ZeRO-3 re-gathers them), and
-    concatenates again in backward.
+    concatenates again in backward. `onednn`: the forward and input-gradient products run on
+    oneDNN (onednn_linear.py; set when the Linears were put there).
     """
 
     @staticmethod
-    def forward(ctx, x, num_weights, *weights_and_biases):
+    def forward(ctx, x, onednn, num_weights, *weights_and_biases):
         weights, biases = weights_and_biases[:num_weights], weights_and_biases[num_weights:]
-        ctx.has_bias = bool(biases)
+        ctx.has_bias, ctx.onednn = bool(biases), onednn
         ctx.save_for_backward(x, *weights)
-        return F.linear(x, torch.cat(weights), torch.cat(biases) if biases else None)
+        return forward_product(x, torch.cat(weights), torch.cat(biases) if biases else None,
+                               onednn)
 
     @staticmethod
     def backward(ctx, grad):
         x, *weights = ctx.saved_tensors
         sizes = [w.shape[0] for w in weights]
-        grad_x = grad @ torch.cat(weights)
-        grad_w = grad.flatten(0, -2).T @ x.flatten(0, -2)
-        grads = list(grad_w.split(sizes))
+        grad_x = input_grad(grad, torch.cat(weights), ctx.onednn)
+        grads = list(weight_grad(grad, x).split(sizes))
         if ctx.has_bias:
             grads += list(grad.flatten(0, -2).sum(0).split(sizes))
-        return (grad_x, None, *grads)
+        return (grad_x, None, None, *grads)
 
 
 FUSE_MIN_ROWS = 1024
@@ -141,7 +142,8 @@ def fused_linear(x: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor
     biases = [lin.bias for lin in linears if lin.bias is not None]
     if biases and len(biases) != len(linears):
         raise ValueError("fused_linear needs all or none of the Linears to have a bias")
-    out = FusedLinearFunction.apply(x, len(linears), *(lin.weight for lin in linears), *biases)
+    out = FusedLinearFunction.apply(x, uses_onednn(linears[0]), len(linears),
+                                    *(lin.weight for lin in linears), *biases)
     return list(out.split([lin.out_features for lin in linears], dim=-1))
 
 

@@ -22,7 +22,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from grpo_ds.onednn_linear import forward_product, uses_onednn
 
 _PACKED = "_grpo_packed_weight"
 
@@ -50,7 +51,7 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """module(x), on the reordered weight while `packed_linears` holds one for it."""
     packed = getattr(module, _PACKED, None)
     if packed is None:
-        return F.linear(x, module.weight, module.bias)
+        return forward_product(x, module.weight, module.bias, uses_onednn(module))
     return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
 
 

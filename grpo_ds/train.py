@@ -28,6 +28,7 @@ from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.host_memory import active_host_allocator
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
+from grpo_ds.onednn_linear import apply_onednn_linears
 from grpo_ds.rewards import load_reward_function
 from grpo_ds.trainer import run_grpo, summary_path
 from grpo_ds.warmup import warm_start
@@ -115,6 +116,7 @@ def train(cfg: Config) -> int:
         ds = prepare_resume(resume_from, state, ds, logger.print)
     lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype)
     logger.print(apply_fused_layers(lm, cfg.model.fused_layers))
+    logger.print(apply_onednn_linears(lm, cfg.model.onednn_linears))
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, cfg.model.gradient_checkpointing)
     checkpointer = Checkpointer(policy, checkpoint_root(cfg), cfg.checkpoint.keep_last, source,
                                 logger.print)
@@ -127,7 +129,7 @@ def train(cfg: Config) -> int:
     if cfg.grpo.beta > 0:
         reference = build_reference(model_path, ds, cfg.deepspeed.reference_placement,
                                     cfg.model.dtype, cfg.train.logprob_chunk_size,
-                                    cfg.model.fused_layers)
+                                    cfg.model.fused_layers, cfg.model.onednn_linears)
 
     result = run_grpo(cfg, plan, policy, reference, tokenizer, source, reward_fns,
                       reward_names, logger, state, checkpointer)

@@ -83,9 +83,9 @@ def test_fused_linear_gradcheck_with_biases():
     x = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     ws = [torch.randn(n, 4, dtype=torch.float64, requires_grad=True) for n in (5, 2)]
     bs = [torch.randn(n, dtype=torch.float64, requires_grad=True) for n in (5, 2)]
-    assert torch.autograd.gradcheck(lambda *a: FusedLinearFunction.apply(a[0], 2, *a[1:]),
-                                    (x, *ws, *bs))
-    out = FusedLinearFunction.apply(x, 2, *ws, *bs)
+    assert torch.autograd.gradcheck(
+        lambda *a: FusedLinearFunction.apply(a[0], False, 2, *a[1:]), (x, *ws, *bs))
+    out = FusedLinearFunction.apply(x, False, 2, *ws, *bs)
     assert torch.allclose(out[..., :5], x @ ws[0].T + bs[0])
 
 

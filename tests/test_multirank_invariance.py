@@ -1,7 +1,8 @@
 """The step's gradient does not depend on how its sequences are split: 1 micro-batch vs 4
 accumulation steps, and 1 rank vs 2 ranks, under real ZeRO-3 (issue 3's invariance bar).
-The 2-rank runs use the fused decoder layers (ZeRO-3 leaf modules), the 1-rank runs HF's: the
-fused layers' gradient through the real engine is checked against HF's in the same comparison."""
+The 2-rank runs use the fused decoder layers (ZeRO-3 leaf modules) and oneDNN Linears, the
+1-rank runs HF's layers on torch's default matmuls: the fused layers' and oneDNN's gradients
+through the real engine are checked against HF's in the same comparison."""
 
 import pytest
 import torch

@@ -2,7 +2,9 @@
 
     grpo-ds bench step [--json] [--ranks N] [--quick] [--dtype float32|bfloat16]
                        [--allocator auto|tcmalloc|system] [--fused-layers auto|on|off]
-                       [--compare ranks=1,dtype=bfloat16,allocator=system,fused_layers=off,...]
+                       [--onednn-linears auto|on|off]
+                       [--compare ranks=1,dtype=bfloat16,allocator=system,fused_layers=off,
+                                  onednn_linears=off,...]
                        [--rounds K]
 
 starts `deepspeed --num_gpus N --module grpo_ds.bench.step --worker ...` and prints a table (or,
@@ -11,7 +13,8 @@ with --json, one JSON object on one line with `mfu_update` and `mfu_step` among 
 --compare runs other configurations in the same invocation, each a fresh launch differing from
 the main one in one setting (ranks=1: the same workload on one rank with all the cores;
 dtype=bfloat16; allocator=system: glibc's malloc instead of tcmalloc, see host_memory.py;
-fused_layers=off: HF's decoder layers instead of grpo_ds/fused_layers.py's), in
+fused_layers=off: HF's decoder layers instead of grpo_ds/fused_layers.py's; onednn_linears=off:
+float32 Linears on torch's default matmuls instead of grpo_ds/onednn_linear.py's oneDNN), in
 interleaved rounds (--rounds, default 2; each configuration's fastest step is
 kept), and reports their step times as ratios to the main configuration's: on a noisy machine a
 ratio is only meaningful between runs minutes apart. The JSON then also has "compare".
@@ -49,7 +52,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 from grpo_ds.bench.common import Clock, gather_floats, launch_workers, say
-from grpo_ds.config import FUSED_LAYER_CHOICES
+from grpo_ds.config import FUSED_LAYER_CHOICES, ONEDNN_LINEAR_CHOICES
 from grpo_ds.host_memory import HOST_ALLOCATORS
 
 
@@ -112,6 +115,7 @@ def overrides(w: Workload, args) -> list[str]:
             f"--rollout.max_new_tokens={w.new_tokens}", f"--train.micro_batch_size={w.micro_batch}",
             "--grpo.beta=0.04", f"--grpo.num_iterations={args.mu}", f"--model.dtype={args.dtype}",
             f"--model.fused_layers={args.fused_layers}",
+            f"--model.onednn_linears={args.onednn_linears}",
             "--rollout.gather=full", "--deepspeed.config=ds_configs/zero3.json",
             "--deepspeed.reference_placement=cpu_offload"]
 
@@ -203,6 +207,7 @@ def setup(args, w: Workload) -> dict:
     from grpo_ds.config import deepspeed_config, load_config, validate
     from grpo_ds.engine import build_policy, build_reference
     from grpo_ds.fused_layers import apply_fused_layers, is_fused
+    from grpo_ds.onednn_linear import apply_onednn_linears, uses_onednn
     from grpo_ds.rollout import HybridRollout
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -219,9 +224,11 @@ def setup(args, w: Workload) -> dict:
         tokenizer.save_pretrained(model_dir)
     dist.barrier()
     apply_fused_layers(lm, cfg.model.fused_layers)
+    apply_onednn_linears(lm, cfg.model.onednn_linears)
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, gradient_checkpointing=False)
     reference = build_reference(model_dir, ds, cfg.deepspeed.reference_placement, cfg.model.dtype,
-                                cfg.train.logprob_chunk_size, cfg.model.fused_layers)
+                                cfg.train.logprob_chunk_size, cfg.model.fused_layers,
+                                cfg.model.onednn_linears)
     rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                             gather=cfg.rollout.gather, tokenizer=tokenizer)
     g = torch.Generator().manual_seed(1000 + rank)
@@ -229,7 +236,7 @@ def setup(args, w: Workload) -> dict:
     rows = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
     return {"cfg": cfg, "plan": plan, "rank": rank, "world": world, "policy": policy,
             "reference": reference, "rollout": rollout, "tokenizer": tokenizer, "rows": rows,
-            "fused_layers": is_fused(lm)}
+            "fused_layers": is_fused(lm), "onednn_linears": uses_onednn(lm.lm_head)}
 
 
 def phase_flops(w: Workload, mu: int) -> dict:
@@ -356,6 +363,7 @@ def worker(args) -> None:
     comm = communication(ctx, params, args) if ctx["world"] > 1 else {}
     extra = {"params": params, "threads_per_rank": torch.get_num_threads(),
              "host_allocator": active_host_allocator(), "fused_layers": ctx["fused_layers"],
+             "onednn_linears": ctx["onednn_linears"],
              "threads_set_by_init_distributed": threads_by_launcher,
              "local_size_env": os.environ.get("LOCAL_SIZE"), "cpu_count": os.cpu_count(),
              "logprob_chunk_size": ctx["cfg"].train.logprob_chunk_size,
@@ -381,6 +389,7 @@ def format_table(r: dict) -> str:
          f"of {w['prompt_len']}+{w['new_tokens']} tokens, {r['params_millions']}M-param Llama, "
          f"{r['dtype']}, ZeRO-3, {r['ranks']} rank(s) x {r['threads_per_rank']} thread(s), "
          f"{r['host_allocator']} malloc, {'fused' if r['fused_layers'] else 'HF'} layers, "
+         f"{'oneDNN' if r['onednn_linears'] else 'default'} matmuls, "
          f"mu={r['mu']}, micro-batch {w['micro_batch']}"),
         (f"peak (square matmul, all ranks at once): {peaks} = "
          f"{r['peak_flops_aggregate'] / 1e9:.1f} GFLOP/s"),
@@ -401,13 +410,14 @@ def format_table(r: dict) -> str:
               f"busy CPU seconds per rank (MFU without competing processes): {cpu}"]
     if "compare" in r:
         header = (f"{'configuration':22s} {'ranks x threads':>15s} {'malloc':>8s} "
-                  f"{'layers':>6s} {'step s':>7s} "
+                  f"{'layers':>6s} {'matmul':>7s} {'step s':>7s} "
                   f"{'update s':>8s} {'mfu_update':>10s} {'mfu_step':>8s} {'step / main':>11s} "
                   f"{'peak GiB':>8s}")
         lines += ["", "same invocation, interleaved rounds, fastest step of each:", header]
         for name, c in r["compare"].items():
             lines.append(f"{name:22s} {c['ranks']:>9d} x {c['threads_per_rank']:<3d} "
                          f"{c['host_allocator']:>8s} {'fused' if c['fused_layers'] else 'HF':>6s} "
+                         f"{'oneDNN' if c['onednn_linears'] else 'default':>7s} "
                          f"{c['step_seconds']:7.2f} {c['update_seconds']:8.2f} "
                          f"{c['mfu_update']:10.3f} {c['mfu_step']:8.3f} "
                          f"{c['step_seconds_over_main']:11.2f} {c['peak_memory_gib']:8.2f}")
@@ -439,9 +449,11 @@ def main(argv=None) -> int:
                         help="the ranks' host allocator, as deepspeed.host_allocator (default auto)")
     parser.add_argument("--fused-layers", default="auto", choices=FUSED_LAYER_CHOICES,
                         help="model.fused_layers (default auto: fused for this Llama)")
+    parser.add_argument("--onednn-linears", default="auto", choices=ONEDNN_LINEAR_CHOICES,
+                        help="model.onednn_linears (default auto: oneDNN in float32 on CPU)")
     parser.add_argument("--compare", default="",
                         help="other configurations in the same run: ranks=N,dtype=NAME,"
-                             "allocator=NAME,fused_layers=NAME,...")
+                             "allocator=NAME,fused_layers=NAME,onednn_linears=NAME,...")
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleaved rounds when comparing; each one's fastest step is kept")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds before giving up")
@@ -455,12 +467,12 @@ def main(argv=None) -> int:
         worker(args)
         finish_rank(0)
     configs = {"main": {"ranks": args.ranks, "dtype": args.dtype, "allocator": args.allocator,
-                        "fused_layers": args.fused_layers}}
+                        "fused_layers": args.fused_layers, "onednn_linears": args.onednn_linears}}
     for item in filter(None, args.compare.split(",")):
         key, _, value = item.partition("=")
         if key not in configs["main"] or not value:
-            parser.error(f"--compare takes ranks=N, dtype=NAME, allocator=NAME or "
-                         f"fused_layers=NAME items, got {item!r}")
+            parser.error(f"--compare takes ranks=N, dtype=NAME, allocator=NAME, fused_layers=NAME "
+                         f"or onednn_linears=NAME items, got {item!r}")
         configs[item] = {**configs["main"], key: int(value) if key == "ranks" else value}
     best = {}
     for _ in range(args.rounds if len(configs) > 1 else 1):
@@ -475,8 +487,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def launch_config(args, ranks: int, dtype: str, allocator: str, fused_layers: str) -> dict:
+def launch_config(args, ranks: int, dtype: str, allocator: str, fused_layers: str,
+                  onednn_linears: str) -> dict:
     passed = [f"--{k}={v}" for k, v in (("dtype", dtype), ("fused-layers", fused_layers),
+                                        ("onednn-linears", onednn_linears),
                                         ("mu", args.mu),
                                         ("threads", args.threads), ("micro", args.micro),
                                         ("chunk", args.chunk), ("steps", args.steps),
@@ -489,6 +503,7 @@ def comparison(r: dict, main: dict) -> dict:
     """One configuration's step against the main one's, measured in the same invocation."""
     return {"ranks": r["ranks"], "dtype": r["dtype"], "threads_per_rank": r["threads_per_rank"],
             "host_allocator": r["host_allocator"], "fused_layers": r["fused_layers"],
+            "onednn_linears": r["onednn_linears"],
             "step_seconds": r["step_seconds"], "update_seconds": r["phases"]["update"]["seconds"],
             "peak_memory_gib": max(r["peak_memory_bytes_per_rank"]) / 2**30,
             "mfu_update": r["mfu_update"], "mfu_step": r["mfu_step"],

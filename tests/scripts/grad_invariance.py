@@ -1,6 +1,7 @@
 """Run under the deepspeed launcher (1 or 2 ranks): the full ZeRO-3 gradient of one GRPO
 optimizer step, for several micro-batch sizes and each loss aggregation, through the trainer's
-own `micro_batch_loss`, with HF's or the fused decoder layers (model.fused_layers). Rank 0 saves
+own `micro_batch_loss`, with HF's decoder layers and torch's default matmuls ("off") or the fused
+layers with oneDNN Linears ("on": model.fused_layers and model.onednn_linears). Rank 0 saves
 {(aggregation, micro): {param: grad}} to OUT."""
 
 import sys
@@ -14,6 +15,7 @@ from grpo_ds.config import deepspeed_config, load_config, validate
 from grpo_ds.engine import build_policy, finish_rank, init_distributed
 from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.model import build_tiny_llama
+from grpo_ds.onednn_linear import apply_onednn_linears
 from grpo_ds.trainer import micro_batch_loss, step_counts
 
 SEQUENCES, PROMPT, COMPLETION, VOCAB = 16, 5, 7, 17
@@ -43,6 +45,7 @@ def step_gradient(aggregation: str, micro: int, world: int, rank: int, layers: s
     plan = validate(cfg, world)
     lm = build_tiny_llama(VOCAB, 32, 2, 4, 32, {"pad_token_id": 0}, seed=0)
     apply_fused_layers(lm, layers)
+    apply_onednn_linears(lm, layers)
     engine = build_policy(lm, deepspeed_config(cfg, plan), chunk_size=8,
                           gradient_checkpointing=False)
     per_rank = SEQUENCES // world
