@@ -33,13 +33,23 @@ from grpo_ds.config import ONEDNN_LINEAR_CHOICES
 _FLAG = "_grpo_onednn"  # set on a Linear whose matmuls run on oneDNN
 
 
-def onednn_unsupported(model: nn.Module) -> str | None:
-    """None when `model`'s Linears can train on oneDNN here and gain from it, else why not."""
+def no_cpu_onednn(model: nn.Module, what: str) -> str | None:
+    """Why `model` cannot run `what` on oneDNN (its parameters are not on CPU, or torch has no
+    oneDNN), or None."""
     param = next(model.parameters(), None)
     if param is None or param.device.type != "cpu":
-        return "oneDNN training matmuls are for CPU parameters"
+        return f"{what} are for CPU parameters"
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
+    return None
+
+
+def onednn_unsupported(model: nn.Module) -> str | None:
+    """None when `model`'s Linears can train on oneDNN here and gain from it, else why not."""
+    reason = no_cpu_onednn(model, "oneDNN training matmuls")
+    if reason:
+        return reason
+    param = next(model.parameters())
     if param.dtype != torch.float32:
         return f"dtype {param.dtype}: torch already runs bf16 matmuls on oneDNN (float32 only)"
     return None

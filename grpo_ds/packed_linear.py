@@ -23,18 +23,17 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from grpo_ds.onednn_linear import forward_product, uses_onednn
+from grpo_ds.onednn_linear import forward_product, no_cpu_onednn, uses_onednn
 
 _PACKED = "_grpo_packed_weight"
 
 
 def packing_supported(model: nn.Module) -> str | None:
     """None if `model`'s Linears can run on reordered oneDNN weights here, else why not."""
-    param = next(model.parameters(), None)
-    if param is None or param.device.type != "cpu":
-        return "oneDNN weight packing is for CPU parameters"
-    if not torch.backends.mkldnn.is_available():
-        return "this torch build has no oneDNN (mkldnn)"
+    reason = no_cpu_onednn(model, "oneDNN weight copies")
+    if reason:
+        return reason
+    param = next(model.parameters())
     if param.dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         return "this CPU has no bf16 support in oneDNN"
     if param.dtype not in (torch.float32, torch.bfloat16):
