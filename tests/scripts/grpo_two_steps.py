@@ -1,7 +1,7 @@
-"""Run under `deepspeed --num_gpus 2`: two real GRPO steps on ZeRO-3 (fused decoder layers with
-activation checkpointing, and in the CPU-offloaded reference), then report per rank
-what the test checks: did the policy change, how much of it does this rank hold, and did the
-reference stay frozen. Writes OUT_DIR/rank{r}.json."""
+"""Run under `deepspeed --num_gpus 2`: two real GRPO steps on ZeRO-3 (fused decoder layers and
+oneDNN Linears with activation checkpointing, and in the CPU-offloaded reference), then report
+per rank what the test checks: did the policy change, how much of it does this rank hold, and
+did the reference stay frozen. Writes OUT_DIR/rank{r}.json."""
 
 import json
 import sys
@@ -23,6 +23,7 @@ from grpo_ds.engine import (
 from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import build_tiny_llama
+from grpo_ds.onednn_linear import apply_onednn_linears
 from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
 from grpo_ds.trainer import run_grpo
 
@@ -59,8 +60,9 @@ def main() -> None:
     ds = deepspeed_config(cfg, plan)
     lm, tokenizer = load_sharded(str(model_dir), ds, "float32")
     apply_fused_layers(lm, "on")  # fused layers with activation checkpointing under ZeRO-3
+    apply_onednn_linears(lm, "on")
     policy = build_policy(lm, ds, 64, gradient_checkpointing=True)
-    reference = build_reference(str(model_dir), ds, "cpu_offload", "float32", 64, "on")
+    reference = build_reference(str(model_dir), ds, "cpu_offload", "float32", 64, "on", "on")
     policy_before, reference_before = full_params(policy), full_params(reference)
     task = ArithmeticTask(digits=2, eval_size=32)
     source = ArithmeticSource(task, cfg.train.prompts_per_step, rank, world, seed=0)
