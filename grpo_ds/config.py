@@ -448,6 +448,9 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     if cfg.grpo.process_reward and (cfg.grpo.kl_in_reward or cfg.grpo.filter_tied_groups):
         raise ConfigError("grpo.process_reward: cannot be combined with grpo.kl_in_reward or "
                           "grpo.filter_tied_groups (both act on outcome rewards)")
+    if cfg.model.onednn_linears == "on" and cfg.model.dtype != "float32":
+        raise ConfigError(f"model.onednn_linears='on' needs model.dtype=float32 (got "
+                          f"{cfg.model.dtype!r}): torch already runs bf16 matmuls on oneDNN")
     if not 0 <= cfg.task.carry_drop <= 1:
         raise ConfigError(f"task.carry_drop={cfg.task.carry_drop}: must be in [0, 1]")
     weights = cfg.rewards.weights

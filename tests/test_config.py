@@ -75,3 +75,11 @@ def test_deepspeed_auto_values_are_refused(tmp_path):
 def test_batch_plan_counts_world_size():
     cfg = load_config(None, ["--train.prompts_per_step=8", "--train.micro_batch_size=8"])
     assert batch_plan(cfg, 4).grad_accum == 2  # 8 x 8 / 4 ranks = 16 per rank, 2 micro-batches
+
+
+def test_onednn_linears_on_needs_float32_before_launch():
+    with pytest.raises(ConfigError, match="model.onednn_linears='on' needs model.dtype=float32"):
+        validate(load_config(None, ["--model.onednn_linears=on", "--model.dtype=bfloat16"]), 2)
+    with pytest.raises(ConfigError, match="model.onednn_linears='fast': must be one of"):
+        validate(load_config(None, ["--model.onednn_linears=fast"]), 2)
+    validate(load_config(None, ["--model.onednn_linears=auto", "--model.dtype=bfloat16"]), 2)
