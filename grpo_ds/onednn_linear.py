@@ -55,19 +55,22 @@ def onednn_unsupported(model: nn.Module) -> str | None:
     return None
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """oneDNN's x [..., in] @ weight^T + bias, on a plain [out, in] weight (a strided view
+    too) or one reordered by `mkldnn._reorder_linear_weight` (packed_linear.py)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def forward_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     onednn: bool) -> torch.Tensor:
     """x [..., in] @ weight [out, in]^T + bias: F.linear, or oneDNN's on the plain weight."""
-    if not onednn:
-        return F.linear(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return onednn_linear(x, weight, bias) if onednn else F.linear(x, weight, bias)
 
 
 def input_grad(grad: torch.Tensor, weight: torch.Tensor, onednn: bool) -> torch.Tensor:
     """grad [..., out] @ weight [out, in] -> [..., in]."""
-    if not onednn:
-        return grad @ weight
-    return torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+    return onednn_linear(grad, weight.t()) if onednn else grad @ weight
 
 
 def weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -95,8 +98,6 @@ class OneDNNLinearFunction(torch.autograd.Function):
 
 def onednn_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """nn.Linear.forward on oneDNN; bound to each Linear by apply_onednn_linears."""
-    if not torch.is_grad_enabled():
-        return forward_product(x, self.weight, self.bias, onednn=True)
     return OneDNNLinearFunction.apply(x, self.weight, self.bias)
 
 

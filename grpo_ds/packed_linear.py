@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from grpo_ds.onednn_linear import forward_product, no_cpu_onednn, uses_onednn
+from grpo_ds.onednn_linear import forward_product, no_cpu_onednn, onednn_linear, uses_onednn
 
 _PACKED = "_grpo_packed_weight"
 
@@ -51,7 +51,7 @@ def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     packed = getattr(module, _PACKED, None)
     if packed is None:
         return forward_product(x, module.weight, module.bias, uses_onednn(module))
-    return torch.ops.mkldnn._linear_pointwise(x, packed, module.bias, "none", [], "")
+    return onednn_linear(x, packed, module.bias)
 
 
 def linear_modules(model: nn.Module) -> list[nn.Linear]:

@@ -162,7 +162,11 @@ def timed(fn) -> dict:
     every = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(every, t)
     tokens = int(sum(x[0] for x in every))
-    seconds, cpu = max(float(x[1]) for x in every), max(float(x[2]) for x in every)
+    return rates(tokens, max(float(x[1]) for x in every), max(float(x[2]) for x in every))
+
+
+def rates(tokens: int, seconds: float, cpu: float) -> dict:
+    """A result row: tokens, wall and CPU seconds, and the tokens per second of each."""
     return {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / seconds,
             "cpu_seconds": cpu, "tokens_per_cpu_second": tokens / cpu}
 
@@ -291,10 +295,8 @@ def measure_ceiling(engine, prompts, w: Workload, repeats: int) -> dict:
     floor.update(flops_per_rank=flops, peak_flops=peak,
                  fraction_of_peak=flops / floor["seconds"] / peak)
     kv.update(bytes_per_rank=kv_bytes, bytes_per_second=2 * kv_bytes / kv["seconds"])
-    seconds, cpu = floor["seconds"] + kv["seconds"], floor["cpu_seconds"] + kv["cpu_seconds"]
-    both = {"tokens": floor["tokens"], "seconds": seconds,
-            "tokens_per_second": floor["tokens"] / seconds, "cpu_seconds": cpu,
-            "tokens_per_cpu_second": floor["tokens"] / cpu}
+    both = rates(floor["tokens"], floor["seconds"] + kv["seconds"],
+                 floor["cpu_seconds"] + kv["cpu_seconds"])
     return {"floor": floor, "kv_read": kv, "floor+kv": both}
 
 

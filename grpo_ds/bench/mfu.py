@@ -86,8 +86,10 @@ def matmul_rate(size: int, dtype: torch.dtype, seconds: float,
         out = torch.empty(size, size, dtype=dtype)
         run = lambda: torch.mm(a, b, out=out)
     else:
+        from grpo_ds.onednn_linear import onednn_linear
+
         packed = torch.ops.mkldnn._reorder_linear_weight(b, size)
-        run = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        run = lambda: onednn_linear(a, packed)
     run()  # warm-up: first call picks and packs kernels
     reps, start, start_cpu = 0, time.perf_counter(), time.process_time()
     while True:
