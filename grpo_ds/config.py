@@ -45,7 +45,8 @@ class ModelConfig:
     (Llama, Mistral, Qwen2; HF's layers for other models), on (error if unsupported), off."""
     onednn_linears: str = "auto"
     """Every Linear's forward and input gradient on oneDNN (grpo_ds/onednn_linear.py): auto
-    (float32 on CPU, where it is faster than torch's default), on (error if unsupported), off."""
+    (float32 on an AVX-512 CPU, where it is faster than torch's default MKL), on (error if
+    unsupported), off."""
     hidden_size: int = 128
     """Built-in model only: width of the Llama built for the default task."""
     num_layers: int = 2

@@ -1,10 +1,11 @@
 """Float32 training matmuls through oneDNN on CPU: the forward and input gradient of every Linear.
 
-torch runs a float32 `F.linear` and `mm` on CPU through MKL. On this machine's AMD CPU oneDNN's
-float32 matmul, called on the plain weight (`torch.ops.mkldnn._linear_pointwise`, nothing
-reordered), runs the update's Linear shapes faster, and the MFU peak counts the faster of the two
-(bench/mfu.py). So, with `model.onednn_linears` on, every nn.Linear of the policy and the
-reference runs
+torch runs a float32 `F.linear` and `mm` on CPU through MKL. On an AVX-512 AMD CPU (a Zen4)
+oneDNN's float32 matmul, called on the plain weight (`torch.ops.mkldnn._linear_pointwise`,
+nothing reordered), ran the update's Linear shapes faster (fwd + dx ~106 GFLOP/s/core vs MKL's
+~93); on an AVX2-only one (a Zen3) it ran them at 0.86-1.01x MKL's. So `auto` turns it on only
+where torch reports AVX-512 (`auto_choice`), and the MFU peak counts the faster of the two
+(bench/mfu.py). With it on, every nn.Linear of the policy and the reference runs
 
     forward        y  = x W^T + b      oneDNN
     input grad     dx = g W            oneDNN (on the transposed view of W: no copy)
@@ -53,6 +54,15 @@ def onednn_unsupported(model: nn.Module) -> str | None:
     if param.dtype != torch.float32:
         return f"dtype {param.dtype}: torch already runs bf16 matmuls on oneDNN (float32 only)"
     return None
+
+
+def auto_choice(capability: str) -> str | None:
+    """Why `auto` leaves float32 Linears on MKL for a CPU of torch's `capability` string
+    (torch.backends.cpu.get_cpu_capability()), or None when oneDNN gains there (docstring)."""
+    if capability.startswith("AVX512"):
+        return None
+    return (f"CPU capability {capability}: oneDNN's float32 matmuls gain over MKL's only with "
+            f"AVX-512 (measured 0.86-1.01x MKL on an AVX2 CPU)")
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -107,8 +117,8 @@ def uses_onednn(module: nn.Module) -> bool:
 
 
 def apply_onednn_linears(model: nn.Module, choice: str) -> str:
-    """model.onednn_linears: "auto" where supported (float32 on CPU), "on" requires it (error
-    otherwise), "off" keeps F.linear. Call before deepspeed.initialize. Returns a line saying
+    """model.onednn_linears: "auto" where supported and faster (float32 on an AVX-512 CPU), "on"
+    requires support (error otherwise), "off" keeps F.linear. Call before deepspeed.initialize. Returns a line saying
     which matmuls run."""
     if choice not in ONEDNN_LINEAR_CHOICES:
         raise ValueError(f"model.onednn_linears={choice!r}: must be one of "
@@ -118,6 +128,8 @@ def apply_onednn_linears(model: nn.Module, choice: str) -> str:
     reason = onednn_unsupported(model)
     if reason and choice == "on":
         raise ValueError(f"model.onednn_linears=on but {reason}")
+    if not reason and choice == "auto":
+        reason = auto_choice(torch.backends.cpu.get_cpu_capability())
     if reason:
         return f"Linear matmuls: torch's default ({reason}; model.onednn_linears=auto)"
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]

@@ -13,6 +13,7 @@ from grpo_ds.fused_layers import FusedLinearFunction, fuse_decoder_layers
 from grpo_ds.onednn_linear import (
     OneDNNLinearFunction,
     apply_onednn_linears,
+    auto_choice,
     onednn_forward,
     onednn_unsupported,
     uses_onednn,
@@ -87,7 +88,7 @@ def test_model_on_onednn_matches_default_logits_and_gradients(fused):
     if fused:
         fuse_decoder_layers(default)
     ours = copy.deepcopy(default)
-    assert apply_onednn_linears(ours, "auto").startswith("Linear matmuls: oneDNN")
+    assert apply_onednn_linears(ours, "on").startswith("Linear matmuls: oneDNN")
     assert all(uses_onednn(m) for m in ours.modules() if isinstance(m, nn.Linear))
     ids = torch.randint(0, 64, (2, 9))
     results = []
@@ -111,6 +112,17 @@ def test_choices():
     with pytest.raises(ValueError, match="onednn_linears=on but dtype torch.bfloat16"):
         apply_onednn_linears(bf16, "on")
     assert "oneDNN forward and input gradient (15 Linears" in apply_onednn_linears(model, "on")
+
+
+def test_auto_takes_onednn_only_on_avx512():
+    assert auto_choice("AVX512") is None
+    assert "AVX2" in auto_choice("AVX2") and "MKL" in auto_choice("AVX2")
+    assert auto_choice("DEFAULT") is not None
+    model = tiny_llama()
+    line = apply_onednn_linears(model, "auto")
+    expected = auto_choice(torch.backends.cpu.get_cpu_capability()) is None
+    assert uses_onednn(model.lm_head) == expected
+    assert line.startswith("Linear matmuls: oneDNN") == expected
 
 
 def test_generation_packing_hands_the_forward_back():
