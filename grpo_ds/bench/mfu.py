@@ -21,7 +21,8 @@ Peak: a square matmul in the training dtype, timed on every rank at once with th
 thread count (2 ranks on 2 cores: one thread each). Several sizes and both of torch's CPU matmul
 libraries are timed (torch.mm, which runs MKL in float32, and oneDNN on a reordered operand, as
 generation runs it: packed_linear.py), and the fastest is the peak, so an MFU is never flattered
-by a slow size or kernel choice. On this AMD CPU oneDNN's float32 matmul ran about 1.2x MKL's.
+by a slow size or kernel choice. oneDNN's float32 matmul ran about 1.2x MKL's on an AVX-512 AMD
+CPU (Zen4), and no faster than MKL's on an AVX2-only one (Zen3).
 """
 
 from __future__ import annotations
