@@ -148,12 +148,23 @@ def launch(run: Run, timeout: float) -> dict:
 
 
 def nvme_problem() -> str | None:
-    """Why DeepSpeed's async_io op (ZeRO-Infinity's NVMe swapping) cannot build here, or None."""
+    """Why DeepSpeed's async_io op (ZeRO-Infinity's NVMe swapping) cannot build here, or None.
+
+    Where it can, it is built here, in this process and without the launches' timeout: its first
+    JIT build took about 7 minutes on a 2-core Zen3. Built inside the ranks it counted against
+    their timeout, and a build killed with them leaves torch's build lock behind, on which every
+    later build of the op waits forever.
+    """
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    if AsyncIOBuilder().is_compatible(verbose=False):
-        return None
-    return "needs libaio (Debian/Ubuntu: apt-get install -y libaio-dev) for DeepSpeed's async_io op"
+    builder = AsyncIOBuilder()
+    if not builder.is_compatible(verbose=False):
+        return ("needs libaio (Debian/Ubuntu: apt-get install -y libaio-dev) for DeepSpeed's "
+                "async_io op")
+    print("[bench] loading DeepSpeed's async_io op (its first build takes minutes)",
+          file=sys.stderr, flush=True)
+    builder.load(verbose=False)
+    return None
 
 
 def wait_for_ram(needed: int, patience: float = 1200.0) -> bool:
