@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 
+from grpo_ds.build_locks import build_lock_problem
 from grpo_ds.checkpoint import CheckpointError, checkpoint_root, find_resume
 from grpo_ds.config import ConfigError, load_config, validate
 from grpo_ds.failures import rank_processes
@@ -101,6 +102,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if problem:
         # Checked here because a busy port otherwise fails inside every rank, after the imports.
         print(f"grpo-ds train: deepspeed.master_port: {problem}", file=sys.stderr)
+        return 2
+    problem = build_lock_problem()
+    if problem:  # otherwise every rank hangs, silently, where it loads DeepSpeed's ops
+        print(f"grpo-ds train: {problem}", file=sys.stderr)
         return 2
     try:
         env, allocator_note = launcher_env(cfg.deepspeed.host_allocator)

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 
+from grpo_ds.build_locks import build_lock_problem
 from grpo_ds.cli import free_port
 from grpo_ds.host_memory import expect_cpu_accelerator, host_allocator_env
 
@@ -29,6 +30,9 @@ def launch_workers(module: str, ranks: int, args: list[str], timeout: float,
     its ranks run in their own process group, killed together if they overstay `timeout`. The
     ranks get the host allocator `grpo-ds train` would give them (host_memory.py).
     """
+    problem = build_lock_problem()
+    if problem:
+        raise RuntimeError(problem)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "report.json")
         launcher = shutil.which("deepspeed") or "deepspeed"
