@@ -36,7 +36,10 @@ def stale_build_locks(root: Path, now: float | None = None,
     now = time.time() if now is None else now
     stale = []
     for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
-        newest = max(f.stat().st_mtime for f in lock.parent.iterdir())
+        try:
+            newest = max(f.stat().st_mtime for f in lock.parent.iterdir())
+        except FileNotFoundError:  # a build finished (and removed its lock) while we looked
+            continue
         if now - newest > idle_seconds:
             stale.append(lock)
     return stale
