@@ -1,6 +1,7 @@
 """Stale build locks of DeepSpeed's JIT ops are found before launch (build_locks.py)."""
 
 import os
+from pathlib import Path
 
 from grpo_ds import cli
 from grpo_ds.build_locks import IDLE_SECONDS, build_lock_problem, stale_build_locks
@@ -52,3 +53,13 @@ def test_train_refuses_to_launch_onto_a_stale_lock_naming_it(tmp_path, monkeypat
     assert f"rm {folder / 'lock'}" in err and "wait on them forever" in err
     (folder / "lock").unlink()
     assert build_lock_problem(tmp_path) is None
+
+
+def test_a_lock_removed_while_it_is_looked_at_is_skipped(tmp_path, monkeypatch):
+    op_folder(tmp_path, "async_io", age_seconds=2 * IDLE_SECONDS)
+
+    def build_just_finished(folder):
+        raise FileNotFoundError(folder / "lock")
+
+    monkeypatch.setattr(Path, "iterdir", build_just_finished)
+    assert stale_build_locks(tmp_path, now=1000.0) == []
