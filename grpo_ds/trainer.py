@@ -91,14 +91,17 @@ def generate_and_score(cfg: Config, rollout: HybridRollout, tokenizer, rows: lis
                                  zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
     per_func, reward_stats = compute_rewards(reward_fns, reward_names, prompts, completions,
                                              columns, on_error=cfg.rewards.on_error)
+    # Reward functions return Python numbers, so per_func is built on the CPU; from here on the
+    # rewards meet the rollout's tensors (KL penalty, masks, loss) on the rollout's device.
+    device = out.completion_ids.device
     weights = torch.tensor(cfg.rewards.weights or [1.0] * len(reward_fns))
-    rewards, combine_stats = combine_rewards(per_func, weights, names=reward_names)
+    rewards, combine_stats = combine_rewards(per_func.to(device), weights, names=reward_names)
     input_ids, attention_mask = join(out.prompt_ids, out.prompt_mask, out.completion_ids,
                                      out.completion_mask)
     batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask,
                          completion_ids=out.completion_ids,
                          completion_mask=out.completion_mask.float(),
-                         advantages=torch.zeros(len(prompts)),
+                         advantages=torch.zeros(len(prompts), device=device),
                          sampled_logprobs=out.sampled_logprobs)
     if cfg.grpo.process_reward:
         batch.process_steps = process_reward_fn(cfg.grpo.process_reward)(
@@ -232,7 +235,8 @@ def score_advantages(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor) ->
         steps = batch.process_steps
         advantages, process_metrics = process_advantages(
             [[r for _, r in s] for s in steps], [[e for e, _ in s] for s in steps],
-            cfg.rollout.group_size, batch.completion_ids.shape[1], std=g.std)
+            cfg.rollout.group_size, batch.completion_ids.shape[1], std=g.std,
+            device=batch.completion_mask.device)
         batch.advantages = advantages * batch.completion_mask
         metrics.update({f"process/{k}": v for k, v in process_metrics.items()})
     if g.filter_tied_groups:
@@ -290,6 +294,38 @@ def evaluate_pass_at_k(cfg: Config, rollout: HybridRollout, tokenizer, rows: lis
             / max(total, 1) for k in ks}
 
 
+def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: HybridRollout,
+              tokenizer, rows: list[dict], reward_fns, reward_names, step: int):
+    """One GRPO step on this rank's prompt rows: sample and score, reference log-probs,
+    advantages, mu optimizer steps. Returns (batch, rewards [B*G], (prompts, completions),
+    metrics reduced over ranks). Every tensor of the batch is on the policy's device."""
+    rank, device = dist.get_rank(), policy.device
+    t0 = time.time()
+    batch, rewards, texts, metrics = generate_and_score(
+        cfg, rollout, tokenizer, rows, reward_fns, reward_names,
+        sample_seed(cfg.train.seed, step, rank))
+    t1 = time.time()
+    batch = batch.slice(0, len(batch))  # detach from the rollout's tensors
+    if reference is not None:
+        batch.ref_logprobs = forward_logprobs(reference, batch, plan.micro_batch_size,
+                                              cfg.rollout.temperature)
+    t2 = time.time()
+    metrics.update(score_advantages(cfg, batch, rewards))
+    inject_faults(step, rank, batch)  # tests only (GRPO_DS_FAULT); nothing when unset
+    metrics.update(update(policy, batch, cfg, plan))
+    if batch.old_logprobs is not None:
+        gap = logprob_gap(batch.sampled_logprobs, batch.old_logprobs, batch.completion_mask)
+        metrics.update({f"rollout/logprob_gap_{k}": v for k, v in gap.items()})
+    t3 = time.time()
+    tokens = global_sum(batch.attention_mask.sum().item(), device)
+    metrics.update({"time/generation": t1 - t0, "time/reference": t2 - t1,
+                    "time/update": t3 - t2, "time/step": t3 - t0,
+                    "throughput/tokens_per_second": tokens / (t3 - t0)})
+    metrics = reduce_rollout_metrics(metrics, rewards, device)
+    metrics.update(peak_memory_metrics(device))  # per rank, so after the averaging
+    return batch, rewards, texts, metrics
+
+
 def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source, reward_fns,
              reward_names, logger, state: RunState, checkpointer: Checkpointer) -> dict:
     """The loop, from `state.step` (0, or a resumed checkpoint's step). Returns the summary fields
@@ -313,31 +349,10 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
         logger.scalars(0, {"eval/accuracy": state.accuracy_before})
         state.history = [{"step": 0, "accuracy": state.accuracy_before}]
     for step in range(state.step + 1, cfg.train.steps + 1):
-        t0 = time.time()
-        rows = source.step_rows(step)
-        batch, rewards, texts, metrics = generate_and_score(
-            cfg, rollout, tokenizer, rows, reward_fns, reward_names,
-            sample_seed(cfg.train.seed, step, rank))
-        t1 = time.time()
-        batch = batch.slice(0, len(batch))  # detach from the rollout's tensors
-        if reference is not None:
-            batch.ref_logprobs = forward_logprobs(reference, batch, plan.micro_batch_size,
-                                                  cfg.rollout.temperature)
-        t2 = time.time()
-        metrics.update(score_advantages(cfg, batch, rewards))
-        inject_faults(step, rank, batch)  # tests only (GRPO_DS_FAULT); nothing when unset
         skipped_before = policy.skipped_steps
-        metrics.update(update(policy, batch, cfg, plan))
-        if batch.old_logprobs is not None:
-            gap = logprob_gap(batch.sampled_logprobs, batch.old_logprobs, batch.completion_mask)
-            metrics.update({f"rollout/logprob_gap_{k}": v for k, v in gap.items()})
-        t3 = time.time()
-        tokens = global_sum(batch.attention_mask.sum().item(), device)
-        metrics.update({"time/generation": t1 - t0, "time/reference": t2 - t1,
-                        "time/update": t3 - t2, "time/step": t3 - t0,
-                        "throughput/tokens_per_second": tokens / (t3 - t0)})
-        metrics = reduce_rollout_metrics(metrics, rewards, device)
-        metrics.update(peak_memory_metrics(device))  # per rank, so after the averaging
+        batch, rewards, texts, metrics = grpo_step(
+            cfg, plan, policy, reference, rollout, tokenizer, source.step_rows(step), reward_fns,
+            reward_names, step)
         # One all-reduce per step: a signal may reach only some ranks, yet all stop together.
         stopping, bad = agree(stop.requested, policy.skipped_steps > skipped_before, device)
         metrics["nan_skipped_steps"] = count_bad_step(state, bad, metrics["loss"])

@@ -71,8 +71,10 @@ class RewardModel:
         for index in range(int(rounds.item())):
             part = texts[index * size:(index + 1) * size]
             batch = self.tokenizer(part or [""], return_tensors="pt", padding=True)
+            # use_cache=False: a classifier's one forward needs no KV cache kept for later.
             logits = self.engine(input_ids=batch["input_ids"].to(self.engine.device),
-                                 attention_mask=batch["attention_mask"].to(self.engine.device)).logits
+                                 attention_mask=batch["attention_mask"].to(self.engine.device),
+                                 use_cache=False).logits
             if part:
                 scores.extend(logits[:, 0].float().tolist())
         return scores
