@@ -140,9 +140,9 @@ class RolloutConfig:
     max_batch_rows: int | None = None
     """Most sequences (prompts x group_size) one generation pass decodes at once: a rank's
     prompts run in as many passes as needed, whole groups per pass, so the KV cache and the
-    sampler's logits are sized by one pass (`grpo-ds plan` prints a value that fits). None: all
-    of a rank's rows in one pass (the default run's 128 rows a rank are one pass). At least
-    group_size."""
+    sampler's logits are sized by one pass (for a run that does not fit, `grpo-ds plan` prints
+    the largest value that would). None: all of a rank's rows in one pass (the default run's 128
+    rows a rank are one pass). At least group_size."""
     packed_weights: str = "auto"
     """CPU: run the Linears on weights reordered for oneDNN once per rollout (per group gather with `layers`): faster decode matmuls; under ZeRO-3 with the full gather the copies replace the gathered Linears, otherwise they add to them. `auto` (where supported), `on`, `off`."""
     logprob_tolerance: float = 1e-3
