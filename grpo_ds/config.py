@@ -137,6 +137,12 @@ class RolloutConfig:
     """Weight gathering for generation: `auto` (from the budget), `full` or `layers`."""
     memory_budget_gb: float | None = None
     """Device memory the gathered weights may take; None means the full model fits."""
+    max_batch_rows: int | None = None
+    """Most sequences (prompts x group_size) one generation pass decodes at once: a rank's
+    prompts run in as many passes as needed, whole groups per pass, so the KV cache and the
+    sampler's logits are sized by one pass (for a run that does not fit, `grpo-ds plan` prints
+    the largest value that would). None: all of a rank's rows in one pass (the default run's 128
+    rows a rank are one pass). At least group_size."""
     packed_weights: str = "auto"
     """CPU: run the Linears on weights reordered for oneDNN once per rollout (per group gather with `layers`): faster decode matmuls; under ZeRO-3 with the full gather the copies replace the gathered Linears, otherwise they add to them. `auto` (where supported), `on`, `off`."""
     logprob_tolerance: float = 1e-3
@@ -434,6 +440,10 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: must be in (0, 1]")
     if cfg.rollout.top_k < 0:
         raise ConfigError(f"rollout.top_k={cfg.rollout.top_k}: must be >= 0")
+    rows = cfg.rollout.max_batch_rows
+    if rows is not None and rows < cfg.rollout.group_size:
+        raise ConfigError(f"rollout.max_batch_rows={rows}: must be at least rollout.group_size="
+                          f"{cfg.rollout.group_size} (a generation pass holds whole groups)")
     for dotted in ("checkpoint.save_every", "checkpoint.keep_last"):
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)}: must be >= 0")

@@ -2,12 +2,16 @@
 
     grpo-ds plan --model DIR_OR_CONFIG_JSON [--config run.yaml] [--ds-config PRESET]
                  [--world-size N] [--nodes K] [shape flags] [--device-mem GB] [--host-mem GB]
-                 [--json] [--section.key=value ...]
+                 [--margin FRACTION] [--json] [--section.key=value ...]
 
 Shape flags override the YAML (which overrides the built-in defaults of grpo_ds/config.py).
 GB means GiB (2^30 bytes). Budgets default to the accelerator's total memory and the host's RAM;
 without an accelerator the device IS the host (one RAM pool per node), unless --device-mem is
 given, which plans for a separate device of that size (e.g. a GPU cluster, from a laptop).
+On a separate device the verdict keeps `--margin` of its memory free (default 0.10, the share
+vLLM's gpu_memory_utilization=0.9 leaves): what the plan does not itemise, such as allocator
+fragmentation and communication buffers, needs room. A run that does not fit is also told the
+largest `rollout.max_batch_rows` under which it would.
 
 Exit code: 0 fits, 3 does not fit, 2 bad arguments or config.
 """
@@ -30,6 +34,7 @@ SHAPE_FLAGS = {  # flag dest -> TrainingShape field
     "prompts_per_rank": "prompts_per_rank", "micro_batch": "micro_batch_size", "dtype": "dtype",
     "beta": "beta", "reference": "reference", "gradient_checkpointing": "gradient_checkpointing",
     "gather": "gather", "logprob_chunk": "logprob_chunk_size", "attention": "attention",
+    "max_batch_rows": "max_batch_rows",
 }
 
 
@@ -56,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--gather-budget", type=float, help="GB of gathered weights (layers/auto)")
     shape.add_argument("--logprob-chunk", type=int, help="rows of logits per log-prob chunk")
     shape.add_argument("--attention", choices=["sdpa", "eager"])
+    shape.add_argument("--max-batch-rows", type=int,
+                       help="rows one generation pass decodes (rollout.max_batch_rows)")
     ap.add_argument("--device-mem", type=float, help="GB per device (default: detected)")
+    ap.add_argument("--margin", type=float, default=planner.DEFAULT_DEVICE_MARGIN,
+                    help="share of a separate device's memory the verdict keeps free "
+                         "(default %(default)s)")
     ap.add_argument("--host-mem", type=float, help="GB of host RAM per node (default: detected)")
     ap.add_argument("--json", action="store_true", help="one JSON object, bytes, on one line")
     return ap
@@ -74,16 +84,17 @@ def host_ram_bytes() -> int:
     return int(psutil.virtual_memory().total)
 
 
-def detect_budgets(device_gb: float | None, host_gb: float | None) -> Budgets:
+def detect_budgets(device_gb: float | None, host_gb: float | None,
+                   margin: float = planner.DEFAULT_DEVICE_MARGIN) -> Budgets:
     host = int(host_gb * GIB) if host_gb is not None else host_ram_bytes()
     if device_gb is not None:
-        return Budgets(int(device_gb * GIB), host, device_is_host=False)
+        return Budgets(int(device_gb * GIB), host, device_is_host=False, margin=margin)
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     if accelerator.device_name() == "cpu":
-        return Budgets(host, host, device_is_host=True)
-    return Budgets(int(accelerator.total_memory()), host, device_is_host=False)
+        return Budgets(host, host, device_is_host=True, margin=margin)
+    return Budgets(int(accelerator.total_memory()), host, device_is_host=False, margin=margin)
 
 
 def default_world_size(cfg) -> int:
@@ -123,7 +134,7 @@ def make_plan(args, overrides: list[str]) -> MemoryPlan:
     model_path = args.model or cfg.model.path
     spec = model_spec.load_model_spec(model_path) if model_path else builtin_model_spec(cfg)
     ds_config = load_ds_preset(args.ds_config or cfg.deepspeed.config)
-    budgets = detect_budgets(args.device_mem, args.host_mem)
+    budgets = detect_budgets(args.device_mem, args.host_mem, args.margin)
     return planner.plan_memory(spec, ds_config, world, args.nodes, shape, budgets)
 
 
@@ -142,7 +153,9 @@ def format_table(plan: MemoryPlan) -> str:
              f"ZeRO-{z.stage} (offload optimizer={z.offload_optimizer}, param={z.offload_param}), "
              f"{plan.world_size} ranks = {plan.nodes} node(s) x {plan.ranks_per_node}")
     checkpointing = "on" if s.gradient_checkpointing else "off"
-    shape = (f"rollout: {s.prompts_per_rank} prompts/rank x G={s.group_size}, {s.prompt_len}+"
+    bound = (f", passes of <= {s.prompts_per_pass * s.group_size} rows"
+             if s.max_batch_rows is not None else "")
+    shape = (f"rollout: {s.prompts_per_rank} prompts/rank x G={s.group_size}{bound}, {s.prompt_len}+"
              f"{s.max_new_tokens} tokens, gather={s.gather} | update: micro-batch "
              f"{s.micro_batch_size}, checkpointing={checkpointing} | "
              f"reference={s.reference_placement}")
@@ -176,9 +189,13 @@ def format_table(plan: MemoryPlan) -> str:
         "",
         (f"budgets: device {plan.budgets.device_bytes / GIB:.2f} GiB per rank, host "
          f"{plan.budgets.host_bytes / GIB:.2f} GiB per node"
-         + (" (CPU-only: device = host)" if plan.budgets.device_is_host else "")),
+         + (" (CPU-only: device = host)" if plan.budgets.device_is_host else
+            f" (device: {plan.budgets.margin:.0%} kept free)")),
         f"verdict: {plan.verdict}",
     ]
+    if plan.suggested_max_batch_rows is not None:
+        lines.append(f"it would fit with --rollout.max_batch_rows={plan.suggested_max_batch_rows}"
+                     " (generation in passes)")
     return "\n".join(lines)
 
 

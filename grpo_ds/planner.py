@@ -152,6 +152,7 @@ class TrainingShape:
     logprob_chunk_size: int = 4096
     attention: str = "sdpa"  # sdpa | eager
     packed_weights: str = "auto"  # auto | on | off: oneDNN copies of the Linears (CPU ranks)
+    max_batch_rows: int | None = None  # rows one generation pass decodes (rollout.max_batch_rows)
 
     def __post_init__(self):
         for name, allowed in (("dtype", tuple(DTYPE_BYTES)), ("gather", ("full", "layers", "auto")),
@@ -164,6 +165,17 @@ class TrainingShape:
                      "micro_batch_size", "logprob_chunk_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.max_batch_rows is not None and self.max_batch_rows < self.group_size:
+            raise ValueError(f"max_batch_rows={self.max_batch_rows}: must be at least group_size="
+                             f"{self.group_size} (a generation pass holds whole groups)")
+
+    @property
+    def prompts_per_pass(self) -> int:
+        """Prompts of the largest generation pass (rollout/passes.py splits them evenly)."""
+        from grpo_ds.rollout.passes import largest_pass_rows
+
+        return largest_pass_rows(self.prompts_per_rank, self.group_size,
+                                 self.max_batch_rows) // self.group_size
 
     @property
     def seq_len(self) -> int:
@@ -174,11 +186,28 @@ class TrainingShape:
         return "none" if self.beta == 0 else self.reference
 
 
+# Share of a GPU's memory the verdict leaves free: the caching allocator's fragmentation, the
+# NCCL buffers and the CUDA context beyond RUNTIME_DEVICE_BYTES are not itemised above. The same
+# default as vLLM's gpu_memory_utilization=0.9.
+DEFAULT_DEVICE_MARGIN = 0.10
+
+
 @dataclass(frozen=True)
 class Budgets:
     device_bytes: int  # per rank
     host_bytes: int  # per node
     device_is_host: bool  # CPU-only: device memory is host RAM, one pool per node
+    margin: float = DEFAULT_DEVICE_MARGIN  # share of device_bytes kept free (separate device only)
+
+    def __post_init__(self):
+        if not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"margin={self.margin}: must be in [0, 1)")
+
+    @property
+    def usable_device_bytes(self) -> int:
+        """What the plan may fill on a separate device: device_bytes less the margin."""
+        return self.device_bytes if self.device_is_host else int(self.device_bytes
+                                                                 * (1.0 - self.margin))
 
 
 @dataclass
@@ -376,7 +405,12 @@ def reference_components(spec, shape: TrainingShape, zero: ZeroSettings, world, 
 
 def generation_components(spec, shape: TrainingShape, zero: ZeroSettings, p,
                           device_is_host: bool) -> list:
-    rows = shape.prompts_per_rank * shape.group_size
+    """Weights held for the whole rollout; the KV cache and working memory of its largest pass."""
+    from grpo_ds.rollout.passes import plan_passes
+
+    prompts = shape.prompts_per_pass
+    rows = prompts * shape.group_size
+    passes = len(plan_passes(shape.prompts_per_rank, shape.group_size, shape.max_batch_rows))
     if zero.stage >= 3:
         gathered, note, k = gathered_generation_bytes(spec, p, shape)
     else:
@@ -385,18 +419,20 @@ def generation_components(spec, shape: TrainingShape, zero: ZeroSettings, p,
     if device_is_host and shape.packed_weights != "off":
         packed = packed_generation_bytes(spec, p, k, zero.stage >= 3)
     kv = kv_cache_bytes(spec, p, rows, shape.seq_len)
-    prefill_tokens = shape.prompts_per_rank * shape.prompt_len  # shared prefill: each prompt once
+    prefill_tokens = prompts * shape.prompt_len  # shared prefill: each prompt once
     prefill = prefill_tokens * inference_token_bytes(spec, p)
     if shape.attention == "eager":
-        prefill += shape.prompts_per_rank * spec.num_heads * shape.prompt_len ** 2 * (4 + p)
+        prefill += prompts * spec.num_heads * shape.prompt_len ** 2 * (4 + p)
     sampling = spec.vocab_size * SAMPLING_BYTES_PER_LOGIT
-    working = max(prefill + shape.prompts_per_rank * sampling, rows * sampling)
+    working = max(prefill + prompts * sampling, rows * sampling)
+    per_pass = f" (largest of {passes} passes)" if passes > 1 else ""
     return [
         Component("generation gathered weights", "generation", device=gathered, note=note),
         Component("generation packed weights", "generation", device=packed,
                   note="oneDNN copies of the Linears beyond the gathered weights (CPU)"),
         Component("generation KV cache", "generation", device=kv + kv // spec.num_layers,
-                  note=f"{rows} seqs x {shape.seq_len} tokens, + 1 layer copied on compaction"),
+                  note=f"{rows} seqs x {shape.seq_len} tokens{per_pass}, + 1 layer copied "
+                       "on compaction"),
         Component("generation working", "generation", device=working,
                   note="prefill activations / sampling over the vocab"),
     ]
@@ -499,6 +535,7 @@ class MemoryPlan:
     ppo: Totals
     deepspeed_estimate: dict | None
     reasons: list = field(default_factory=list)
+    suggested_max_batch_rows: int | None = None  # does not fit: the largest bound that would
 
     @property
     def fits(self) -> bool:
@@ -506,7 +543,13 @@ class MemoryPlan:
 
     @property
     def verdict(self) -> str:
-        return "fits" if self.fits else "does not fit: " + "; ".join(self.reasons)
+        if not self.fits:
+            return "does not fit: " + "; ".join(self.reasons)
+        b = self.budgets
+        if b.device_is_host:
+            return "fits"
+        return (f"fits with a {b.margin:.0%} margin: device {_gib(self.grpo.device_per_rank)} of "
+                f"{_gib(b.usable_device_bytes)} usable ({_gib(b.device_bytes)} less {b.margin:.0%})")
 
     @property
     def ppo_diff_bytes(self) -> int:
@@ -520,7 +563,8 @@ class MemoryPlan:
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in ("model", "params", "world_size", "nodes",
-                                               "ranks_per_node", "deepspeed_estimate")}
+                                               "ranks_per_node", "deepspeed_estimate",
+                                               "suggested_max_batch_rows")}
         out.update(zero=asdict(self.zero), training=asdict(self.shape), budgets=asdict(self.budgets),
                    components={c.name: asdict(c) for c in self.components},
                    critic={c.name: asdict(c) for c in self.critic},
@@ -552,10 +596,11 @@ def check_budgets(components: list, t: Totals, budgets: Budgets, ranks_per_node:
                  f"needs {_gib(t.ram_per_node)} > budget {_gib(budgets.host_bytes)} "
                  f"(peak in {t.peak_phase}; {why})")]
     reasons = []
-    if t.device_per_rank > budgets.device_bytes:
+    if t.device_per_rank > budgets.usable_device_bytes:
         why = _largest(components, ("device",), t.peak_phase)
         reasons.append(f"device memory per rank needs {_gib(t.device_per_rank)} > budget "
-                       f"{_gib(budgets.device_bytes)} (peak in {t.peak_phase}; {why})")
+                       f"{_gib(budgets.usable_device_bytes)} ({_gib(budgets.device_bytes)} less a "
+                       f"{budgets.margin:.0%} margin; peak in {t.peak_phase}; {why})")
     if t.host_per_node > budgets.host_bytes:
         why = _largest(components, ("host",), "persistent")
         reasons.append(f"host memory per node ({ranks_per_node} ranks) needs {_gib(t.host_per_node)} "
@@ -572,8 +617,11 @@ def heap_kept_component(components: list) -> Component:
 
 
 def plan_memory(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: int,
-                training: TrainingShape, budgets: Budgets) -> MemoryPlan:
-    """The per-rank memory plan of a GRPO run (and the same run as PPO with a critic)."""
+                training: TrainingShape, budgets: Budgets, suggest: bool = True) -> MemoryPlan:
+    """The per-rank memory plan of a GRPO run (and the same run as PPO with a critic).
+
+    suggest: when it does not fit, also find the largest rollout.max_batch_rows that would.
+    """
     if world_size % nodes:
         raise ValueError(f"world_size={world_size} does not divide over nodes={nodes}")
     zero, p, rpn = zero_settings(ds_config), DTYPE_BYTES[training.dtype], world_size // nodes
@@ -594,9 +642,37 @@ def plan_memory(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: 
         for c in components if c.name == "reduce bucket" or c.name.startswith("nvme ")]
     grpo = totals(components, rpn, budgets.device_is_host)
     ppo = totals(components + critic, rpn, budgets.device_is_host)
-    return MemoryPlan(spec.name, spec.total_params, w, nodes, rpn, zero, training, budgets,
+    plan = MemoryPlan(spec.name, spec.total_params, w, nodes, rpn, zero, training, budgets,
                       components, critic, grpo, ppo, deepspeed_estimate(spec, zero, w, nodes),
                       check_budgets(components, grpo, budgets, rpn))
+    if suggest and not plan.fits:
+        plan.suggested_max_batch_rows = suggest_max_batch_rows(model_spec, ds_config, world_size,
+                                                               nodes, training, budgets)
+    return plan
+
+
+def suggest_max_batch_rows(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: int,
+                           training: TrainingShape, budgets: Budgets) -> int | None:
+    """The largest max_batch_rows (whole groups, fewer than the largest pass has now) under which
+    the plan fits; None when even one group per pass does not. Binary search: memory grows with
+    the groups per pass."""
+    from dataclasses import replace
+
+    group = training.group_size
+
+    def fits(groups: int) -> bool:
+        shape = replace(training, max_batch_rows=groups * group)
+        return plan_memory(model_spec, ds_config, world_size, nodes, shape, budgets,
+                           suggest=False).fits
+
+    low, high = 0, training.prompts_per_pass - 1  # low: groups known to fit (0: none yet)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low * group if low else None
 
 
 def model_states_figure(plan: MemoryPlan) -> tuple[int, int]:
@@ -642,4 +718,4 @@ def training_shape_from_config(cfg, world_size: int) -> TrainingShape:
         gradient_checkpointing=cfg.model.gradient_checkpointing, gather=cfg.rollout.gather,
         gather_budget_bytes=None if budget is None else int(budget * GIB),
         logprob_chunk_size=cfg.train.logprob_chunk_size,
-        packed_weights=cfg.rollout.packed_weights)
+        packed_weights=cfg.rollout.packed_weights, max_batch_rows=cfg.rollout.max_batch_rows)

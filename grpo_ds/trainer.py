@@ -41,6 +41,7 @@ from grpo_ds.loss import grpo_loss, merge_loss_metrics
 from grpo_ds.metrics import peak_memory_metrics
 from grpo_ds.rewards import compute_rewards, load_reward_function
 from grpo_ds.rollout import HybridRollout, SamplingParams, logprob_gap
+from grpo_ds.rollout.passes import release_cached_memory
 
 
 @functools.lru_cache
@@ -306,6 +307,7 @@ def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: HybridRo
         sample_seed(cfg.train.seed, step, rank))
     t1 = time.time()
     batch = batch.slice(0, len(batch))  # detach from the rollout's tensors
+    release_cached_memory()  # the rollout's KV cache and logits, before the update's shapes
     if reference is not None:
         batch.ref_logprobs = forward_logprobs(reference, batch, plan.micro_batch_size,
                                               cfg.rollout.temperature)
@@ -335,6 +337,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
     rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                             gather=cfg.rollout.gather, tokenizer=tokenizer,
                             packed_weights=cfg.rollout.packed_weights,
+                            max_batch_rows=cfg.rollout.max_batch_rows,
                             memory_budget_bytes=None if cfg.rollout.memory_budget_gb is None
                             else int(cfg.rollout.memory_budget_gb * 2**30))
     eval_rows = source.eval_rows()

@@ -182,6 +182,68 @@ def test_generation_update_and_reference_by_hand():
     assert p.grpo.host_per_node == 2 * (202_048 + planner.RUNTIME_HOST_BYTES)
 
 
+def test_generation_in_passes_by_hand():
+    # max_batch_rows=4 (and 7) hold 1 group of 4: 2 prompts run in 2 passes of 4 rows
+    for rows in (4, 7):
+        c = by_name(plan(shape=TrainingShape(**{**SHAPE.__dict__, "max_batch_rows": rows})))
+        # KV per sequence and token: 2 x 2 layers x 2 kv heads x 16 dims x 2 B = 256 B;
+        # 4 seqs x 16 tokens x 256 = 16,384, + 1 layer 8,192
+        assert c["generation KV cache"].device == 24_576
+        assert "(largest of 2 passes)" in c["generation KV cache"].note
+        # sampling 4 rows x 1000 x 32 B = 128,000 > prefill 8 tokens x 1,408 + 1 x 32,000
+        assert c["generation working"].device == 128_000
+        assert c["generation gathered weights"].device == 404_096  # held for all passes
+    one = TrainingShape(**{**SHAPE.__dict__, "max_batch_rows": 8})  # both groups: one pass
+    assert by_name(plan(shape=one))["generation KV cache"].device == 49_152
+    # 5 prompts at 4 a pass (16 rows) run as 3 + 2: the largest pass has 12 rows, not 16
+    five = TrainingShape(**{**SHAPE.__dict__, "prompts_per_rank": 5, "max_batch_rows": 16})
+    assert five.prompts_per_pass == 3
+    assert by_name(plan(shape=five))["generation KV cache"].device == 12 * 16 * 256 * 3 // 2
+    with pytest.raises(ValueError, match="max_batch_rows=3: must be at least group_size=4"):
+        TrainingShape(**{**SHAPE.__dict__, "max_batch_rows": 3})
+
+
+# persistent device bytes of plan(): params 202,048 + grads 202,048 + optimizer 1,212,288
+# + reduce bucket 2,000 + the 512 MiB runtime
+PERSISTENT = 1_618_384 + 512 * 2**20
+
+
+def test_gpu_verdict_keeps_the_margin_free():
+    need = PERSISTENT + 709_248  # + generation, the peak phase: 539,198,544 B
+    assert plan().grpo.device_per_rank == need == 539_198_544
+    tight = Budgets(device_bytes=580_000_000, host_bytes=512 * GIB, device_is_host=False)
+    # the default 10% margin leaves 522,000,000 B usable: less than the need
+    p = plan(budgets=tight)
+    assert not p.fits and tight.usable_device_bytes == 522_000_000
+    assert "budget 0.49 GiB (0.54 GiB less a 10% margin" in p.verdict
+    # a 5% margin leaves 551,000,000 B: it fits, and the verdict says with which margin
+    p = plan(budgets=Budgets(580_000_000, 512 * GIB, device_is_host=False, margin=0.05))
+    assert p.verdict == "fits with a 5% margin: device 0.50 GiB of 0.51 GiB usable (0.54 GiB less 5%)"
+    # the CPU pool keeps no margin: there the planner was calibrated against measured peaks
+    cpu = Budgets(device_bytes=8 * GIB, host_bytes=8 * GIB, device_is_host=True)
+    assert cpu.usable_device_bytes == 8 * GIB
+    with pytest.raises(ValueError, match="margin=1.0"):
+        Budgets(GIB, GIB, device_is_host=False, margin=1.0)
+
+
+def test_suggested_max_batch_rows_is_the_largest_that_fits():
+    # 8 prompts x G=4 = 32 rows in one pass. With k groups a pass, generation holds the weights
+    # 404,096 + KV 256 B x 4k seqs x 16 tokens x 1.5 (24,576 k) + sampling 4k x 32,000 (128,000 k)
+    # = 404,096 + 152,576 k; the update (556,008) and step (404,096) stay below it for k >= 1.
+    shape = TrainingShape(**{**SHAPE.__dict__, "prompts_per_rank": 8})
+    need = [PERSISTENT + 404_096 + 152_576 * k for k in (3, 4, 8)]
+    assert need == [539_351_120, 539_503_696, 540_114_000]
+    budget = Budgets(539_400_000, 512 * GIB, device_is_host=False, margin=0.0)  # k = 3 fits, 4 not
+    p = plan(shape=shape, budgets=budget)
+    assert p.grpo.device_per_rank == need[2] and not p.fits
+    assert p.suggested_max_batch_rows == 12
+    fitting = plan(shape=TrainingShape(**{**shape.__dict__, "max_batch_rows": 12}), budgets=budget)
+    assert fitting.fits and fitting.grpo.device_per_rank == need[0]
+    assert fitting.suggested_max_batch_rows is None
+    # nothing helps when even the persistent states do not fit
+    assert plan(shape=shape, budgets=Budgets(10**6, 512 * GIB, False)).suggested_max_batch_rows is None
+
+
 def test_gradient_checkpointing_by_hand():
     shape = TrainingShape(**{**SHAPE.__dict__, "gradient_checkpointing": True})
     # 32 tokens x (2 layers x 2 B x 64 + A recomputed 2,320 + A backward 2,320 + 384) = 32 x 5,280
@@ -285,7 +347,9 @@ def test_cli_json_has_documented_keys_and_exit_codes(small_model_dir, capsys):
                 "host_per_node", "ram_per_node", "peak_phase", "ppo", "ppo_diff_bytes",
                 "ppo_diff_pct", "deepspeed_estimate", "fits", "verdict"):
         assert key in data, key
-    assert data["params"] == N and data["fits"] is True and data["verdict"] == "fits"
+    assert data["params"] == N and data["fits"] is True
+    assert data["verdict"].startswith("fits with a 10% margin: device ")
+    assert data["budgets"]["margin"] == 0.1 and data["suggested_max_batch_rows"] is None
     assert data["components"]["generation KV cache"]["device"] == 49_152
     assert main(cli(small_model_dir, "--json", "--device-mem", "0.0001", "--host-mem", "4")) == 3
     data = json.loads(capsys.readouterr().out)
@@ -304,6 +368,16 @@ def test_cli_table_and_yaml_config(small_model_dir, capsys):
     assert "generation KV cache" in table and "PPO - GRPO" in table and "verdict: fits" in table
     assert main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["components"]["generation KV cache"]["device"] == 49_152
+
+
+def test_cli_max_batch_rows_and_margin(small_model_dir, capsys):
+    argv = cli(small_model_dir, "--json", "--device-mem", "4", "--host-mem", "4")
+    assert main([*argv, "--max-batch-rows", "4", "--margin", "0.25"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["components"]["generation KV cache"]["device"] == 24_576  # 1 group a pass
+    assert data["budgets"]["margin"] == 0.25 and "25% margin" in data["verdict"]
+    assert main([*argv, "--max-batch-rows", "3"]) == 2  # less than one group of 4
+    assert "max_batch_rows=3" in capsys.readouterr().err
 
 
 def test_cli_bad_config_exits_2(small_model_dir, capsys):

@@ -57,6 +57,23 @@ def test_ranks_finishing_at_different_lengths_do_not_hang(facts):
 
 
 @pytest.mark.multirank
+def test_ranks_with_different_numbers_of_passes_do_not_hang(facts):
+    # max_batch_rows=6 holds 2 groups of 3: rank 0's 5 prompts take 3 passes, rank 1's 1 prompt 1
+    rank0, rank1 = facts["passes_full"]
+    assert (rank0["passes"], rank1["passes"]) == (3, 1)  # full gather: passes run no collectives
+    assert (rank0["rows"], rank1["rows"]) == (15, 3)
+    for key in ("passes_layers", "passes_layers_empty"):
+        rank0, rank1 = facts[key]
+        assert rank0["passes"] == rank1["passes"] == 3, key  # layer groups: agreed, padded
+        assert rank0["forwards"] == rank1["forwards"], key  # lockstep inside every pass
+    empty = facts["passes_layers_empty"]
+    assert (empty[0]["rows"], empty[1]["rows"]) == (0, 15)  # rank 0 joined 3 passes empty
+    for key in ("passes_full", "passes_layers", "passes_layers_empty"):
+        for rank in facts[key]:
+            assert rank["equal"] and rank["logprob_diff"] < 1e-5, key  # as one pass returns
+
+
+@pytest.mark.multirank
 def test_auto_mode_follows_the_budget(facts):
     assert facts["auto_no_budget"] == "full"
     assert facts["auto_big_budget"] == "full"

@@ -7,14 +7,25 @@ One `generate` call:
      groups of decoder layers per forward (with prefetch) when a memory budget says the full
      model does not fit, "none" when the model is not partitioned; on CPU the Linears then run
      on weights reordered for oneDNN (packed_linear.py: once per call, or per group gather);
-  3. decode (decode.py): shared prefill, G samples per prompt, compaction, lockstep if needed;
+  3. decode (decode.py): shared prefill, G samples per prompt, compaction, lockstep if needed,
+     in as many passes as `max_batch_rows` needs (passes.py): whole groups per pass, each pass's
+     KV cache freed before the next, the weights held once for all of them;
   4. free the gathered weights and return a RolloutOutput grouped by prompt.
 
 Under ZeRO-3 every rank calls `generate` together with its own prompts (any number, even 0).
+Passes over fully gathered weights run no collectives, so ranks may run different numbers of
+them. With layer groups every forward is collective: the ranks agree on the number of passes
+with one all-reduce (MAX), and a rank with fewer runs empty passes that only join the gathers.
 
 Determinism: all randomness comes from one table of uniforms [N*G, max_new_tokens] drawn from a
 torch.Generator seeded with `seed`; row r at step t always uses uniforms[r, t]. The same
 (seed, prompts, G, params) gives the same samples, whatever the batch composition or gather mode.
+Passes keep this: row r draws uniforms[r] in whichever pass it runs, and every pass keeps the
+call's prompt width (left padding), so a row's inputs are those of one pass. What is guaranteed
+is the same uniforms per row; the tokens are the same wherever a row's logits do not depend on
+the rows decoded beside it, which holds bit for bit on the CPU kernels the tests run (one pass
+vs several, tests/test_rollout_passes.py). A GPU kernel chosen by batch size may change the last
+bits of a logit, and a sample that falls on a boundary of the sampler's CDF may then differ.
 
 Why torch.no_grad and not torch.inference_mode: ZeRO-3 swaps `param.data` when it gathers and
 frees parameters; tensors created inside inference_mode would become the parameters' storage
@@ -43,6 +54,7 @@ from grpo_ds.rollout.gather import (
     is_zero3_model,
     suspend_zero3_hooks,
 )
+from grpo_ds.rollout.passes import concat_results, plan_passes
 from grpo_ds.rollout.stops import StopChecker
 
 GATHER_MODES = ("auto", "full", "layers")
@@ -64,12 +76,15 @@ class HybridRollout:
     packed_weights: "auto" | "on" | "off": on CPU, run the Linears on weights reordered for
         oneDNN (packed_linear.py) once per call (full) or after each group's gather (layers);
         auto = where supported.
+    max_batch_rows: most rows (prompts x G) one pass decodes; None = all of a call's rows in
+        one pass. Must hold one whole group (>= group_size at `generate`).
     """
 
     def __init__(self, model: nn.Module, pad_token_id: int, gather: str = "auto",
                  memory_budget_bytes: int | None = None, tokenizer=None,
                  layers_per_group: int | None = None, prefetch: bool = True,
-                 compact: bool = True, share_prefix: bool = True, packed_weights: str = "auto"):
+                 compact: bool = True, share_prefix: bool = True, packed_weights: str = "auto",
+                 max_batch_rows: int | None = None):
         if gather not in GATHER_MODES:
             raise ValueError(f"gather must be one of {GATHER_MODES}, got {gather!r}")
         if packed_weights not in PACKED_WEIGHT_CHOICES:
@@ -83,6 +98,9 @@ class HybridRollout:
         self.gather, self.budget = gather, memory_budget_bytes
         self.layers_per_group, self.prefetch, self.compact = layers_per_group, prefetch, compact
         self.share_prefix = share_prefix
+        if max_batch_rows is not None and max_batch_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1 or None, got {max_batch_rows}")
+        self.max_batch_rows = max_batch_rows
         if self.gather_mode() == "layers":
             check_layered_support(model)  # fail at construction, not at the first rollout
 
@@ -105,6 +123,7 @@ class HybridRollout:
                  params: SamplingParams, seed: int) -> RolloutOutput:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
+        passes = plan_passes(len(prompt_ids), group_size, self.max_batch_rows)
         device = self._device()
         ids, mask = left_pad(prompt_ids, self.pad_token_id, device)
         rows = ids.shape[0] * group_size
@@ -117,29 +136,46 @@ class HybridRollout:
         mode, timings = self.gather_mode(), {"gather_seconds": 0.0}
         start = time.perf_counter()
         with torch.no_grad(), eval_mode(self.model), suspend_zero3_hooks(self.model):
-            result, extra = self._run(mode, ids, mask, group_size, params, uniforms, stops, timings)
+            result, extra = self._run(mode, ids, mask, passes, group_size, params, uniforms,
+                                      stops, timings)
         seconds = time.perf_counter() - start
+        extra["rows_per_pass"] = max(b - a for a, b in passes) * group_size
         return self._output(ids, mask, group_size, result, seconds, mode, timings, extra)
 
-    def _run(self, mode, ids, mask, group_size, params, uniforms, stops, timings):
+    def _run(self, mode, ids, mask, passes, group_size, params, uniforms, stops, timings):
         with shared_prefix_attention(self.model, enabled=self.share_prefix) as shared:
-            cache = make_cache(self.model.config, ids.shape[1] + params.max_new_tokens, shared)
-            result, extra = self._decode(mode, cache, ids, mask, group_size, params, uniforms,
-                                         stops, timings)
+            capacity = ids.shape[1] + params.max_new_tokens
+
+            def one_pass(forward, start: int, stop: int, any_rank=None):
+                """Decode prompts [start, stop): their own KV cache, their rows' uniforms."""
+                cache = make_cache(self.model.config, capacity, shared)
+                rows = slice(start * group_size, stop * group_size)
+                return decode(forward, cache, ids[start:stop], mask[start:stop], group_size,
+                              params, None if uniforms is None else uniforms[rows], stops,
+                              self.pad_token_id, any_rank=any_rank, compact=self.compact)
+
+            result, extra = self._decode(mode, one_pass, passes, ids, group_size, timings)
         return result, {**extra, "shared_prefix_kv": shared}
 
-    def _decode(self, mode, cache, ids, mask, group_size, params, uniforms, stops, timings):
-        args = (cache, ids, mask, group_size, params, uniforms, stops, self.pad_token_id)
+    def _decode(self, mode, one_pass, passes, ids, group_size, timings):
         if mode == "layers":
             forward = LayeredForward(self.model, timings, self.layers_per_group, self.budget,
                                      prefetch=self.prefetch, pack=self.pack)
-            any_rank = _any_rank_fn(self.model, ids.device) if forward.collective else None
-            result = decode(forward, *args, any_rank=any_rank, compact=self.compact)
-            return result, {"layers_per_group": forward.layers_per_group}
-        pack_rows = ids.shape[0] * group_size if self.pack else None
+            any_rank = None
+            if forward.collective:  # every forward gathers: all ranks run as many passes
+                rank_max = _rank_max_fn(self.model, ids.device)
+                end = ids.shape[0]
+                passes = passes + [(end, end)] * (rank_max(len(passes)) - len(passes))
+
+                def any_rank(flag: bool) -> bool:
+                    return rank_max(int(flag)) > 0
+            result = concat_results([one_pass(forward, a, b, any_rank) for a, b in passes])
+            return result, {"layers_per_group": forward.layers_per_group, "passes": len(passes)}
+        pack_rows = max(b - a for a, b in passes) * group_size if self.pack else None
         with full_gather(self.model, timings, pack_rows) as packed:
-            result = decode(FullForward(self.model), *args, compact=self.compact)
-        return result, {"packed_weight_bytes": packed}
+            forward = FullForward(self.model)
+            result = concat_results([one_pass(forward, a, b) for a, b in passes])
+        return result, {"packed_weight_bytes": packed, "passes": len(passes)}
 
     def _output(self, ids, mask, group_size, result, seconds, mode, timings, extra):
         width = int(result.lengths.max()) if result.lengths.numel() else 0
@@ -164,15 +200,15 @@ class HybridRollout:
         )
 
 
-def _any_rank_fn(model: nn.Module, device: torch.device):
-    """All-reduce MAX of a flag over the group the parameters are partitioned across."""
+def _rank_max_fn(model: nn.Module, device: torch.device):
+    """All-reduce MAX of an int over the group the parameters are partitioned across."""
     from deepspeed import comm as dist
 
     group = next(p for p in model.parameters() if hasattr(p, "ds_id")).ds_process_group
 
-    def any_rank(flag: bool) -> bool:
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    def rank_max(value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return bool(t.item())
+        return int(t.item())
 
-    return any_rank
+    return rank_max

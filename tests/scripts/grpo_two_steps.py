@@ -47,7 +47,9 @@ def main() -> None:
     cfg = load_config(None, [f"--output.run_dir={out_dir}", "--train.steps=2",
                              "--train.eval_every=0", "--task.eval_size=32",
                              "--train.prompts_per_step=8", "--train.micro_batch_size=16",
-                             "--grpo.beta=0.1", "--train.lr=0.01", "--output.save_model=false"])
+                             "--grpo.beta=0.1", "--train.lr=0.01", "--output.save_model=false",
+                             # 4 prompts x G=8 a rank, 2 groups a pass: the rollout in 2 passes
+                             "--rollout.max_batch_rows=16"])
     plan = validate(cfg, world)
     tokenizer = build_tokenizer()
     model_dir = out_dir / "init_model"

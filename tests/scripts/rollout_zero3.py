@@ -8,6 +8,10 @@ Phases (each prints "PHASE <name> ok" when done, so a hang shows where it stoppe
                 (the engine's model has the fused decoder layers, the copy HF's)
   uneven_full   rank 0 stops after 2 tokens, rank 1 runs 48 (full gather) - must not hang
   uneven_layers the same with layer groups (lockstep), plus a rank with 0 prompts
+  passes        max_batch_rows=6 (2 groups of 3 a pass): rank 0 has 5 prompts (3 passes), rank 1
+                has 1 (1 pass) or, with layer groups, as many passes as rank 0 (2 empty); then
+                a rank 0 with no prompts beside a rank 1 with 5 (3 empty passes); the tokens
+                equal one pass's - must not hang
   packed        inside the full gather with oneDNN copies: every Linear's weights partitioned
                 again (the copies stand in), everything else gathered
   train_after   the engine still trains: params partitioned again, train mode restored,
@@ -106,6 +110,26 @@ def uneven(engine, rank, gather, facts, empty_rank0=False):
     facts[key] = gathered
 
 
+def passes(engine, rank, gather, facts, empty_rank0=False):
+    count = (0 if empty_rank0 else 5) if rank == 0 else (5 if empty_rank0 else 1)
+    prompts = rank_prompts(rank, count)
+    # different lengths per rank: the passes of the two ranks end at different steps
+    params = SamplingParams(max_new_tokens=6 if rank == 0 else 20, temperature=0.9)
+    kwargs = {"gather": gather, "layers_per_group": 1 if gather == "layers" else None}
+    one = HybridRollout(engine.module, PAD, **kwargs).generate(prompts, 3, params, 5)
+    split = HybridRollout(engine.module, PAD, max_batch_rows=6, **kwargs).generate(
+        prompts, 3, params, 5)
+    fact = {"passes": split.metrics["passes"], "forwards": split.metrics["forwards"],
+            "rows": split.completion_ids.shape[0],
+            "equal": bool(torch.equal(split.completion_ids, one.completion_ids)
+                          and torch.equal(split.completion_mask, one.completion_mask)),
+            "logprob_diff": float((split.sampled_logprobs - one.sampled_logprobs).abs().max())
+            if count else 0.0}
+    gathered = [None, None]
+    dist.all_gather_object(gathered, fact)
+    facts[f"passes_{gather}" + ("_empty" if empty_rank0 else "")] = gathered
+
+
 def packed(engine, facts):
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
@@ -154,6 +178,10 @@ def main():
                       ("uneven_layers", lambda: uneven(engine, rank, "layers", facts)),
                       ("uneven_layers_empty",
                        lambda: uneven(engine, rank, "layers", facts, empty_rank0=True)),
+                      ("passes_full", lambda: passes(engine, rank, "full", facts)),
+                      ("passes_layers", lambda: passes(engine, rank, "layers", facts)),
+                      ("passes_layers_empty",
+                       lambda: passes(engine, rank, "layers", facts, empty_rank0=True)),
                       ("packed", lambda: packed(engine, facts)),
                       ("train_after", lambda: train_after(engine, facts))]:
         run()
