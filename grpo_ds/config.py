@@ -141,8 +141,10 @@ class RolloutConfig:
     """Most sequences (prompts x group_size) one generation pass decodes at once: a rank's
     prompts run in as many passes as needed, whole groups per pass, so the KV cache and the
     sampler's logits are sized by one pass (for a run that does not fit, `grpo-ds plan` prints
-    the largest value that would). None: all of a rank's rows in one pass (the default run's 128
-    rows a rank are one pass). At least group_size."""
+    the largest value that would). None: on the CPU all of a rank's rows in one pass (the default
+    run's 128 rows a rank are one pass); on a GPU as many rows as fit, KV cache and sampling
+    buffers, in 80 % of the device memory free when the rollout starts (weights held). At least
+    group_size."""
     packed_weights: str = "auto"
     """CPU: run the Linears on weights reordered for oneDNN once per rollout (per group gather with `layers`): faster decode matmuls; under ZeRO-3 with the full gather the copies replace the gathered Linears, otherwise they add to them. `auto` (where supported), `on`, `off`."""
     logprob_tolerance: float = 1e-3

@@ -54,6 +54,23 @@ class ModelSpec:
         return [("embed", self.embed_params), *layers, ("norm", self.final_norm_params), head]
 
 
+# Bytes one sampled row holds per vocabulary entry (rollout/sampling.py): float32 logits, scaled,
+# sorted with their int64 order, and a float64 cdf.
+SAMPLING_BYTES_PER_LOGIT = 32
+
+
+def kv_cache_bytes(spec: ModelSpec, p: int, sequences: int, seq_len: int) -> int:
+    """2 (k, v) x layers x kv_heads x head_dim x bytes x sequences x tokens."""
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * p * sequences * seq_len
+
+
+def generation_row_bytes(spec: ModelSpec, p: int, seq_len: int) -> int:
+    """Bytes one generated row needs at most: its keys and values for `seq_len` tokens in every
+    layer (the prompt part, kept once per group, is counted per row: an over-count) and its
+    sampling buffers over the vocabulary. `p`: bytes per element of the KV cache."""
+    return kv_cache_bytes(spec, p, 1, seq_len) + spec.vocab_size * SAMPLING_BYTES_PER_LOGIT
+
+
 def llama_spec(config: dict, name: str = "llama") -> ModelSpec:
     """Parameter layout of a Llama/Mistral decoder from its HF config dict."""
     h, vocab, inter = config["hidden_size"], config["vocab_size"], config["intermediate_size"]

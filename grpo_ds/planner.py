@@ -56,7 +56,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from grpo_ds.config import PACKED_WEIGHT_CHOICES
-from grpo_ds.model_spec import ModelSpec
+from grpo_ds.model_spec import SAMPLING_BYTES_PER_LOGIT, ModelSpec, kv_cache_bytes
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -69,7 +69,6 @@ NORM_FP32_BYTES = 4  # LlamaRMSNorm upcasts its input to fp32; autograd keeps it
 SDPA_LSE_BYTES = 4  # SDPA saves one fp32 logsumexp per head and query
 BACKWARD_WORKING_LAYERS = 1.0  # activation gradients of the layer being back-propagated
 LOGPROB_CHUNK_FACTOR = 3  # grpo_ds/logprobs.py: peak about 3 x chunk x V x 4 bytes
-SAMPLING_BYTES_PER_LOGIT = 32  # rollout/sampling.py: f32 logits, scaled, sorted + int64 order, f64 cdf
 # measured (grpo-ds bench memory --quick): peak RSS per rank of 2 CPU ranks running GRPO steps on a
 # 0.1M-param model: torch + DeepSpeed + gloo + the shm all-reduce buffers, the engines' objects
 RUNTIME_HOST_BYTES = 470 * 2**20
@@ -304,11 +303,6 @@ def inference_token_bytes(spec: ModelSpec, p: int) -> int:
 
 def logprob_chunk_bytes(spec: ModelSpec, rows: int, chunk_size: int) -> int:
     return LOGPROB_CHUNK_FACTOR * min(chunk_size, rows) * spec.vocab_size * 4
-
-
-def kv_cache_bytes(spec: ModelSpec, p: int, sequences: int, seq_len: int) -> int:
-    """2 (k, v) x layers x kv_heads x head_dim x bytes x sequences x tokens."""
-    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * p * sequences * seq_len
 
 
 def persistent_numel(spec: ModelSpec, zero: ZeroSettings) -> int:

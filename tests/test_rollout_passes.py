@@ -122,3 +122,51 @@ def test_release_cached_memory_empties_the_accelerators_cache(monkeypatch):
     monkeypatch.setattr(get_accelerator(), "empty_cache", lambda: calls.append(1))
     release_cached_memory()
     assert calls == [1]
+
+
+# ---- the bound on a device with its own memory ------------------------------------------------
+
+
+def test_generation_row_bytes_by_hand():
+    from grpo_ds.model_spec import generation_row_bytes, llama_spec
+
+    spec = llama_spec({"hidden_size": 32, "vocab_size": 32, "intermediate_size": 64,
+                       "num_attention_heads": 4, "num_key_value_heads": 2,
+                       "num_hidden_layers": 2})
+    # KV: 2 (k, v) x 2 layers x 2 kv heads x head_dim 8 x 20 tokens x 4 B = 5120;
+    # sampling: 32 logits x 32 B = 1024.
+    assert generation_row_bytes(spec, 4, 20) == 5120 + 1024
+
+
+@pytest.mark.parametrize("free, per_row, group, expected", [
+    (10_000, 100, 4, 80),  # 80 % of 10,000 B = 8,000 B = 80 rows = 20 groups of 4
+    (10_000, 100, 3, 78),  # 80 rows, cut to whole groups of 3: 26 groups
+    (1_000, 100, 16, 16),  # not even one group fits: one group (it fails as it would anyway)
+])
+def test_rows_that_fit_by_hand(free, per_row, group, expected):
+    from grpo_ds.rollout.passes import rows_that_fit
+
+    assert rows_that_fit(free, per_row, group) == expected
+
+
+def test_unset_bound_on_a_device_sizes_passes_to_its_free_memory(monkeypatch):
+    """max_batch_rows=None: one pass on the CPU; on a device with its own memory (the meta
+    stand-in for a GPU, tests/second_device.py) the rows that fit in 80 % of what is free."""
+    from deepspeed.accelerator import get_accelerator
+
+    from grpo_ds.model_spec import generation_row_bytes, llama_spec
+    from tests.second_device import second_device
+
+    model, group = tiny_llama(), 4
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, stop_token_ids=(EOS,))
+    on_cpu = HybridRollout(model, pad_token_id=PAD).generate(prompts(), group, params, seed=3)
+    assert on_cpu.metrics["passes"] == 1
+    # Free memory for exactly 2 groups at the longest prompt (9) + 6 new tokens.
+    per_row = generation_row_bytes(llama_spec(model.config.to_dict()), 4, 9 + 6)
+    monkeypatch.setattr(type(get_accelerator()), "available_memory",
+                        lambda self, device_index=None: int(8 * per_row / 0.8) + 1)
+    with second_device() as device:
+        out = HybridRollout(model.to(device), pad_token_id=PAD).generate(
+            prompts(), group, params, seed=3)
+        assert out.metrics["rows_per_pass"] == 8 and out.metrics["passes"] == 2
+        assert torch.equal(out.completion_ids.cpu(), on_cpu.completion_ids)

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from grpo_ds.config import PACKED_WEIGHT_CHOICES
+from grpo_ds.model_spec import generation_row_bytes, llama_spec
 from grpo_ds.packed_linear import packing_supported
 from grpo_ds.rollout.attention import shared_prefix_attention
 from grpo_ds.rollout.backend import RolloutOutput, SamplingParams, left_pad
@@ -54,7 +55,7 @@ from grpo_ds.rollout.gather import (
     is_zero3_model,
     suspend_zero3_hooks,
 )
-from grpo_ds.rollout.passes import concat_results, plan_passes
+from grpo_ds.rollout.passes import concat_results, plan_passes, rows_that_fit
 from grpo_ds.rollout.stops import StopChecker
 
 GATHER_MODES = ("auto", "full", "layers")
@@ -123,9 +124,10 @@ class HybridRollout:
                  params: SamplingParams, seed: int) -> RolloutOutput:
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
-        passes = plan_passes(len(prompt_ids), group_size, self.max_batch_rows)
         device = self._device()
         ids, mask = left_pad(prompt_ids, self.pad_token_id, device)
+        max_rows = self._rows_bound(device, ids.shape[1] + params.max_new_tokens, group_size)
+        passes = plan_passes(len(prompt_ids), group_size, max_rows)
         rows = ids.shape[0] * group_size
         uniforms = None
         if params.temperature > 0:
@@ -141,6 +143,23 @@ class HybridRollout:
         seconds = time.perf_counter() - start
         extra["rows_per_pass"] = max(b - a for a, b in passes) * group_size
         return self._output(ids, mask, group_size, result, seconds, mode, timings, extra)
+
+    def _rows_bound(self, device: torch.device, capacity: int, group_size: int) -> int | None:
+        """Most rows a pass decodes: max_batch_rows when set; else, on a device with its own
+        memory (a GPU), the rows whose KV cache and sampling buffers fit in 80 % of what is free
+        once the weights are held; else (the CPU's RAM) all rows in one pass."""
+        if self.max_batch_rows is not None or device.type == "cpu":
+            return self.max_batch_rows
+        from deepspeed.accelerator import get_accelerator
+
+        params = list(self.model.parameters())
+        held = 0  # weights the rollout is about to gather on top of what is allocated now
+        if is_zero3_model(self.model):
+            held = self.budget if self.gather_mode() == "layers" else gathered_bytes(params)
+        free = get_accelerator().available_memory(device.index or 0) - (held or 0)
+        spec = llama_spec(self.model.config.to_dict())
+        per_row = generation_row_bytes(spec, params[0].element_size(), capacity)
+        return rows_that_fit(max(free, 0), per_row, group_size)
 
     def _run(self, mode, ids, mask, passes, group_size, params, uniforms, stops, timings):
         with shared_prefix_attention(self.model, enabled=self.share_prefix) as shared:

@@ -49,6 +49,16 @@ def largest_pass_rows(num_prompts: int, group_size: int, max_rows: int | None) -
                                                            max_rows)) * group_size
 
 
+def rows_that_fit(free_bytes: int, bytes_per_row: int, group_size: int,
+                  fraction: float = 0.8) -> int:
+    """The largest multiple of group_size whose rows fit in `fraction` of `free_bytes`, and at
+    least one group (a pass holds whole groups; one that does not fit fails as it would anyway).
+    The rest of the free memory is left for the prefill's activations and the allocator's
+    fragmentation."""
+    rows = int(free_bytes * fraction) // max(bytes_per_row, 1)
+    return max(group_size, rows // group_size * group_size)
+
+
 def concat_results(results: list[DecodeResult]) -> DecodeResult:
     """The passes' results, rows in pass order, as one pass over all prompts would return them.
 
