@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from pathlib import Path
 
 import deepspeed.comm as dist
@@ -38,7 +37,7 @@ from grpo_ds.failures import (
     nan_gradient_loss,
 )
 from grpo_ds.loss import grpo_loss, merge_loss_metrics
-from grpo_ds.metrics import peak_memory_metrics
+from grpo_ds.metrics import peak_memory_metrics, synchronized_time
 from grpo_ds.rewards import compute_rewards, load_reward_function
 from grpo_ds.rollout import HybridRollout, SamplingParams, logprob_gap
 
@@ -313,17 +312,17 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
         logger.scalars(0, {"eval/accuracy": state.accuracy_before})
         state.history = [{"step": 0, "accuracy": state.accuracy_before}]
     for step in range(state.step + 1, cfg.train.steps + 1):
-        t0 = time.time()
+        t0 = synchronized_time()
         rows = source.step_rows(step)
         batch, rewards, texts, metrics = generate_and_score(
             cfg, rollout, tokenizer, rows, reward_fns, reward_names,
             sample_seed(cfg.train.seed, step, rank))
-        t1 = time.time()
+        t1 = synchronized_time()
         batch = batch.slice(0, len(batch))  # detach from the rollout's tensors
         if reference is not None:
             batch.ref_logprobs = forward_logprobs(reference, batch, plan.micro_batch_size,
                                                   cfg.rollout.temperature)
-        t2 = time.time()
+        t2 = synchronized_time()
         metrics.update(score_advantages(cfg, batch, rewards))
         inject_faults(step, rank, batch)  # tests only (GRPO_DS_FAULT); nothing when unset
         skipped_before = policy.skipped_steps
@@ -331,7 +330,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
         if batch.old_logprobs is not None:
             gap = logprob_gap(batch.sampled_logprobs, batch.old_logprobs, batch.completion_mask)
             metrics.update({f"rollout/logprob_gap_{k}": v for k, v in gap.items()})
-        t3 = time.time()
+        t3 = synchronized_time()
         tokens = global_sum(batch.attention_mask.sum().item(), device)
         metrics.update({"time/generation": t1 - t0, "time/reference": t2 - t1,
                         "time/update": t3 - t2, "time/step": t3 - t0,
