@@ -209,6 +209,11 @@ class DeepSpeedConfig:
     """Rendezvous port for `grpo-ds train` (default: a free one)."""
     host_allocator: str = "auto"
     """Ranks' malloc: `auto` (tcmalloc on the CPU accelerator if installed), `tcmalloc`, `system`."""
+    timeout_minutes: float | None = None
+    """Minutes a rank waits for the others, at the rendezvous and in every collective, before it
+    fails (init_distributed's `timeout`). None: DeepSpeed's default, the DEEPSPEED_TIMEOUT
+    environment variable or 10. Keep it above the longest time one rank can run ahead of another
+    (a long generation pass, a checkpoint write)."""
 
 
 @dataclass
@@ -437,6 +442,10 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     for dotted in ("checkpoint.save_every", "checkpoint.keep_last"):
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)}: must be >= 0")
+    timeout = cfg.deepspeed.timeout_minutes
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"deepspeed.timeout_minutes={timeout!r}: must be > 0 (or null for "
+                          "DeepSpeed's default)")
     if cfg.grpo.beta < 0:
         raise ConfigError(f"grpo.beta={cfg.grpo.beta}: must be >= 0")
     if cfg.grpo.epsilon_low < 0 or (cfg.grpo.epsilon_high or 0) < 0:
