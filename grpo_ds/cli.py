@@ -91,6 +91,8 @@ def assigned_launch_devices(requested: int | None) -> list[int] | None:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return None  # CPU ranks are only numbered (and this device_count runs a subprocess)
     return launch_devices(os.environ, accelerator.device_name(), accelerator.device_count(),
                           requested)
 

@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 
 FUSED_LAYER_CHOICES = ("auto", "on", "off")
+ROLLOUT_BACKENDS = ("hybrid",)  # grpo_ds/rollout/select.py
 PACKED_WEIGHT_CHOICES = ("auto", "on", "off")
 ONEDNN_LINEAR_CHOICES = ("auto", "on", "off")
 
@@ -133,6 +134,9 @@ class RolloutConfig:
     """Nucleus sampling mass (1.0 = off)."""
     top_k: int = 0
     """Keep the k most likely tokens (0 = off)."""
+    backend: str = "hybrid"
+    """Generation engine: `hybrid` (HybridRollout over the live ZeRO-3 policy). The contract a
+    colocated engine such as vLLM would implement: grpo_ds/rollout/backend.py."""
     gather: str = "auto"
     """Weight gathering for generation: `auto` (from the budget), `full` or `layers`."""
     memory_budget_gb: float | None = None
@@ -364,6 +368,7 @@ CHOICES = {
     "task.name": ("arithmetic", "dataset"),
     "data.overlong_prompts": ("truncate", "drop"),
     "rewards.on_error": ("raise", "skip"),
+    "rollout.backend": ROLLOUT_BACKENDS,
     "rollout.gather": ("auto", "full", "layers"),
     "rollout.packed_weights": PACKED_WEIGHT_CHOICES,
     "grpo.kl_estimator": ("k1", "k2", "k3"),

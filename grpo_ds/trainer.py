@@ -40,6 +40,7 @@ from grpo_ds.loss import grpo_loss, merge_loss_metrics
 from grpo_ds.metrics import peak_memory_metrics, synchronized_time
 from grpo_ds.rewards import compute_rewards, load_reward_function
 from grpo_ds.rollout import HybridRollout, SamplingParams, logprob_gap
+from grpo_ds.rollout.select import build_rollout
 
 
 @functools.lru_cache
@@ -295,11 +296,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
     of the GRPO phase; {"preempted": True} when a signal stopped it after a checkpoint."""
     rank, device = dist.get_rank(), policy.device
     logger.attach_monitor(policy.monitor)  # the DS config's tensorboard/csv/wandb, if any
-    rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
-                            gather=cfg.rollout.gather, tokenizer=tokenizer,
-                            packed_weights=cfg.rollout.packed_weights,
-                            memory_budget_bytes=None if cfg.rollout.memory_budget_gb is None
-                            else int(cfg.rollout.memory_budget_gb * 2**30))
+    rollout = build_rollout(cfg, policy, tokenizer)  # rollout.backend, with its hooks
     eval_rows = source.eval_rows()
 
     def accuracy() -> float:
