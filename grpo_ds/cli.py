@@ -3,6 +3,7 @@
 `grpo-ds train` validates the config in this process (seconds, before any rank exists), then
 starts the `deepspeed` launcher with N local ranks running `grpo_ds.train`. N defaults to every
 GPU, or 2 on a machine without GPUs (DeepSpeed's own default on CPU is the NUMA-node count: 1).
+GPUs that SLURM or CUDA_VISIBLE_DEVICES assigned are the ones used (launch_devices.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from grpo_ds.checkpoint import CheckpointError, checkpoint_root, find_resume
 from grpo_ds.config import ConfigError, load_config, validate
 from grpo_ds.failures import rank_processes
 from grpo_ds.host_memory import HostAllocatorError, host_allocator_env
+from grpo_ds.launch_devices import LaunchError, include_spec, launch_devices
 
 
 def free_port() -> int:
@@ -73,11 +75,26 @@ def launcher_env(host_allocator: str = "auto") -> tuple[dict[str, str], str]:
     return {**env, **extra}, note
 
 
-def launcher_command(config: str | None, overrides: list[str], num_ranks: int, port: int) -> list[str]:
+def launcher_command(config: str | None, overrides: list[str], num_ranks: int, port: int,
+                     devices: list[int] | None = None) -> list[str]:
+    """The `deepspeed` command: ranks on the assigned `devices` (launch_devices.py) if any, else
+    `--num_gpus num_ranks` (devices 0..N-1, or N CPU processes)."""
     launcher = shutil.which("deepspeed") or "deepspeed"
-    command = [launcher, "--num_gpus", str(num_ranks), "--master_port", str(port),
-               "--module", "grpo_ds.train"]
+    ranks = ["--include", include_spec("localhost", devices)] if devices \
+        else ["--num_gpus", str(num_ranks)]
+    command = [launcher, *ranks, "--master_port", str(port), "--module", "grpo_ds.train"]
     return command + ([config] if config else []) + overrides
+
+
+def assigned_launch_devices(requested: int | None) -> list[int] | None:
+    """The GPUs SLURM or CUDA_VISIBLE_DEVICES assigned this launch (launch_devices.py)."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return None  # CPU ranks are only numbered (and this device_count runs a subprocess)
+    return launch_devices(os.environ, accelerator.device_name(), accelerator.device_count(),
+                          requested)
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
@@ -91,11 +108,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 2
     try:
         cfg = load_config(args.config, overrides)
-        num_ranks = cfg.deepspeed.num_gpus or default_num_ranks()
+        devices = assigned_launch_devices(cfg.deepspeed.num_gpus)
+        num_ranks = len(devices) if devices else cfg.deepspeed.num_gpus or default_num_ranks()
         validate(cfg, num_ranks)
         find_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
     except (ConfigError, CheckpointError) as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except LaunchError as err:
+        print(f"grpo-ds train: GPU assignment: {err}", file=sys.stderr)
         return 2
     port = cfg.deepspeed.master_port or free_port()
     problem = port_problem(port)
@@ -112,7 +133,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     except HostAllocatorError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    command = launcher_command(args.config, overrides, num_ranks, port)
+    command = launcher_command(args.config, overrides, num_ranks, port, devices)
     print(f"launching {num_ranks} ranks: {' '.join(command)}\n{allocator_note}", flush=True)
     # Own session: a terminal's Ctrl-C reaches only this process, which forwards it.
     process = subprocess.Popen(command, start_new_session=True, env=env)

@@ -28,6 +28,7 @@ class ConfigError(ValueError):
 
 
 FUSED_LAYER_CHOICES = ("auto", "on", "off")
+ROLLOUT_BACKENDS = ("hybrid",)  # grpo_ds/rollout/select.py
 PACKED_WEIGHT_CHOICES = ("auto", "on", "off")
 ONEDNN_LINEAR_CHOICES = ("auto", "on", "off")
 
@@ -133,6 +134,9 @@ class RolloutConfig:
     """Nucleus sampling mass (1.0 = off)."""
     top_k: int = 0
     """Keep the k most likely tokens (0 = off)."""
+    backend: str = "hybrid"
+    """Generation engine: `hybrid` (HybridRollout over the live ZeRO-3 policy). The contract a
+    colocated engine such as vLLM would implement: grpo_ds/rollout/backend.py."""
     gather: str = "auto"
     """Weight gathering for generation: `auto` (from the budget), `full` or `layers`."""
     memory_budget_gb: float | None = None
@@ -217,6 +221,11 @@ class DeepSpeedConfig:
     """Rendezvous port for `grpo-ds train` (default: a free one)."""
     host_allocator: str = "auto"
     """Ranks' malloc: `auto` (tcmalloc on the CPU accelerator if installed), `tcmalloc`, `system`."""
+    timeout_minutes: float | None = None
+    """Minutes a rank waits for the others, at the rendezvous and in every collective, before it
+    fails (init_distributed's `timeout`). None: DeepSpeed's default, the DEEPSPEED_TIMEOUT
+    environment variable or 10. Keep it above the longest time one rank can run ahead of another
+    (a long generation pass, a checkpoint write)."""
 
 
 @dataclass
@@ -367,6 +376,7 @@ CHOICES = {
     "task.name": ("arithmetic", "dataset"),
     "data.overlong_prompts": ("truncate", "drop"),
     "rewards.on_error": ("raise", "skip"),
+    "rollout.backend": ROLLOUT_BACKENDS,
     "rollout.gather": ("auto", "full", "layers"),
     "rollout.packed_weights": PACKED_WEIGHT_CHOICES,
     "grpo.kl_estimator": ("k1", "k2", "k3"),
@@ -449,6 +459,10 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     for dotted in ("checkpoint.save_every", "checkpoint.keep_last"):
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)}: must be >= 0")
+    timeout = cfg.deepspeed.timeout_minutes
+    if timeout is not None and not timeout > 0:
+        raise ConfigError(f"deepspeed.timeout_minutes={timeout!r}: must be > 0 (or null for "
+                          "DeepSpeed's default)")
     if cfg.grpo.beta < 0:
         raise ConfigError(f"grpo.beta={cfg.grpo.beta}: must be >= 0")
     if cfg.grpo.epsilon_low < 0 or (cfg.grpo.epsilon_high or 0) < 0:

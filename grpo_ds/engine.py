@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import datetime
 import glob
 import os
 import sys
@@ -24,14 +25,25 @@ from grpo_ds.model import CausalLMWithLogprobs, load_pretrained
 from grpo_ds.onednn_linear import apply_onednn_linears
 
 
-def init_distributed() -> None:
-    """Join the launcher's process group; a single process without a launcher runs as world 1."""
+def collective_timeout(minutes: float | None) -> datetime.timedelta:
+    """How long a rank waits for the others (rendezvous and every collective) before failing:
+    `deepspeed.timeout_minutes`, or None for DeepSpeed's default (DEEPSPEED_TIMEOUT minutes, 10
+    when unset)."""
+    from deepspeed.constants import default_pg_timeout
+
+    return default_pg_timeout if minutes is None else datetime.timedelta(minutes=minutes)
+
+
+def init_distributed(timeout_minutes: float | None = None) -> None:
+    """Join the launcher's process group; a single process without a launcher runs as world 1.
+    `timeout_minutes`: see collective_timeout."""
     if "RANK" not in os.environ:
         # Without these, init_distributed falls back to mpi4py discovery.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     clear_stale_build_locks()
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=collective_timeout(timeout_minutes))
     atexit.register(leave_process_group)
     unlink_shm_buffer()
     set_threads_per_rank()

@@ -150,12 +150,28 @@ def quiet_libraries(rank: int, quiet: bool) -> None:
         ds_logger.setLevel(logging.ERROR)
 
 
-def peak_memory_bytes() -> int:
+def synchronized_time(accelerator=None) -> float:
+    """`time.perf_counter()` once the accelerator has finished the work queued so far.
+
+    CUDA runs kernels asynchronously: a plain clock read after a phase stamps the moment its
+    kernels were queued, and bills their run time to whichever later phase first waits for them.
+    Every phase timer reads this instead. On CPU, synchronize() is a no-op.
+    """
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    accelerator.synchronize()
+    return time.perf_counter()
+
+
+def peak_memory_bytes(accelerator=None) -> int:
     """This process's peak memory since it started: the accelerator's peak allocation on a GPU,
     the kernel's peak resident set size (ru_maxrss) on CPU."""
-    from deepspeed.accelerator import get_accelerator
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
 
-    accelerator = get_accelerator()
+        accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
         return int(accelerator.max_memory_allocated())
     # The CPU accelerator's own figure only samples RSS when asked; ru_maxrss is the true peak.
@@ -163,11 +179,32 @@ def peak_memory_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def peak_memory_metrics(device) -> dict[str, float]:
-    """{"memory/peak_bytes_rank{r}": bytes} for every rank r: one all-gather, call on all ranks."""
+def peak_reserved_bytes(accelerator=None) -> int | None:
+    """The accelerator's peak reserved memory: what its caching allocator held from the driver
+    at most (live tensors, cached free blocks, fragmentation). This, not the allocation, is what
+    runs out. None on CPU, where there is no caching allocator (ru_maxrss already counts all)."""
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return None
+    return int(accelerator.max_memory_reserved())
+
+
+def peak_memory_metrics(device, accelerator=None) -> dict[str, float]:
+    """Per rank r: {"memory/peak_bytes_rank{r}": peak_memory_bytes} and, on an accelerator,
+    {"memory/peak_reserved_bytes_rank{r}": peak_reserved_bytes}. One all-gather: call on all
+    ranks (they share one accelerator type, so every rank sends the same fields)."""
     import deepspeed.comm as dist
 
-    mine = torch.tensor([peak_memory_bytes()], dtype=torch.int64, device=device)
+    reserved = peak_reserved_bytes(accelerator)
+    values = [peak_memory_bytes(accelerator)] + ([] if reserved is None else [reserved])
+    mine = torch.tensor(values, dtype=torch.int64, device=device)
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
-    return {f"memory/peak_bytes_rank{r}": float(t.item()) for r, t in enumerate(gathered)}
+    out = {f"memory/peak_bytes_rank{r}": float(t[0].item()) for r, t in enumerate(gathered)}
+    if reserved is not None:
+        out.update({f"memory/peak_reserved_bytes_rank{r}": float(t[1].item())
+                    for r, t in enumerate(gathered)})
+    return out

@@ -81,7 +81,7 @@ def load_rewards(cfg: Config, policy_ds: dict) -> list:
 def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
-    init_distributed()
+    init_distributed(cfg.deepspeed.timeout_minutes)
     # An exception on any rank is printed once and ends this rank at once; the launcher then
     # stops the others.
     return run_rank(lambda: train(cfg), dist.get_rank(), cfg.output.run_dir)

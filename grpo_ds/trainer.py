@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from pathlib import Path
 
 import deepspeed.comm as dist
@@ -38,10 +37,11 @@ from grpo_ds.failures import (
     nan_gradient_loss,
 )
 from grpo_ds.loss import grpo_loss, merge_loss_metrics
-from grpo_ds.metrics import peak_memory_metrics
+from grpo_ds.metrics import peak_memory_metrics, synchronized_time
 from grpo_ds.rewards import compute_rewards, load_reward_function
-from grpo_ds.rollout import HybridRollout, SamplingParams, logprob_gap
+from grpo_ds.rollout import RolloutBackend, SamplingParams, logprob_gap
 from grpo_ds.rollout.passes import release_cached_memory
+from grpo_ds.rollout.select import build_rollout
 
 
 @functools.lru_cache
@@ -78,7 +78,7 @@ def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
             for row, m in zip(ids.cpu(), mask.cpu())]
 
 
-def generate_and_score(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict],
+def generate_and_score(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict],
                        reward_fns, reward_names, seed: int):
     """Sample G completions per prompt and score them. Returns (batch, texts, metrics)."""
     G = cfg.rollout.group_size
@@ -247,7 +247,7 @@ def score_advantages(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor) ->
     return metrics
 
 
-def correct_counts(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], reward_fn,
+def correct_counts(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict], reward_fn,
                    device, group: int = 1, chunk: int = 256) -> list[int]:
     """Per held-out prompt of this rank: how many of its `group` completions score 1.0 (greedy
     when group is 1, else sampled at the rollout temperature).
@@ -274,7 +274,7 @@ def correct_counts(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[di
     return counts
 
 
-def evaluate(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], reward_fn,
+def evaluate(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict], reward_fn,
              device) -> float:
     """Held-out greedy accuracy: the share of prompts whose greedy answer scores 1.0, all ranks."""
     correct = sum(correct_counts(cfg, rollout, tokenizer, rows, reward_fn, device))
@@ -282,7 +282,7 @@ def evaluate(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict], r
     return global_sum(correct, device) / total if total else float("nan")
 
 
-def evaluate_pass_at_k(cfg: Config, rollout: HybridRollout, tokenizer, rows: list[dict],
+def evaluate_pass_at_k(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict],
                        reward_fn, device) -> dict[str, float]:
     """Unbiased pass@k (Chen et al. 2021) over G samples per held-out prompt, k = 1, 2, 4 .. G."""
     from grpo_ds.data import pass_at_k
@@ -295,30 +295,30 @@ def evaluate_pass_at_k(cfg: Config, rollout: HybridRollout, tokenizer, rows: lis
             / max(total, 1) for k in ks}
 
 
-def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: HybridRollout,
+def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: RolloutBackend,
               tokenizer, rows: list[dict], reward_fns, reward_names, step: int):
     """One GRPO step on this rank's prompt rows: sample and score, reference log-probs,
     advantages, mu optimizer steps. Returns (batch, rewards [B*G], (prompts, completions),
     metrics reduced over ranks). Every tensor of the batch is on the policy's device."""
     rank, device = dist.get_rank(), policy.device
-    t0 = time.time()
+    t0 = synchronized_time()
     batch, rewards, texts, metrics = generate_and_score(
         cfg, rollout, tokenizer, rows, reward_fns, reward_names,
         sample_seed(cfg.train.seed, step, rank))
-    t1 = time.time()
+    t1 = synchronized_time()
     batch = batch.slice(0, len(batch))  # detach from the rollout's tensors
     release_cached_memory()  # the rollout's KV cache and logits, before the update's shapes
     if reference is not None:
         batch.ref_logprobs = forward_logprobs(reference, batch, plan.micro_batch_size,
                                               cfg.rollout.temperature)
-    t2 = time.time()
+    t2 = synchronized_time()
     metrics.update(score_advantages(cfg, batch, rewards))
     inject_faults(step, rank, batch)  # tests only (GRPO_DS_FAULT); nothing when unset
     metrics.update(update(policy, batch, cfg, plan))
     if batch.old_logprobs is not None:
         gap = logprob_gap(batch.sampled_logprobs, batch.old_logprobs, batch.completion_mask)
         metrics.update({f"rollout/logprob_gap_{k}": v for k, v in gap.items()})
-    t3 = time.time()
+    t3 = synchronized_time()
     tokens = global_sum(batch.attention_mask.sum().item(), device)
     metrics.update({"time/generation": t1 - t0, "time/reference": t2 - t1,
                     "time/update": t3 - t2, "time/step": t3 - t0,
@@ -334,12 +334,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
     of the GRPO phase; {"preempted": True} when a signal stopped it after a checkpoint."""
     rank, device = dist.get_rank(), policy.device
     logger.attach_monitor(policy.monitor)  # the DS config's tensorboard/csv/wandb, if any
-    rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
-                            gather=cfg.rollout.gather, tokenizer=tokenizer,
-                            packed_weights=cfg.rollout.packed_weights,
-                            max_batch_rows=cfg.rollout.max_batch_rows,
-                            memory_budget_bytes=None if cfg.rollout.memory_budget_gb is None
-                            else int(cfg.rollout.memory_budget_gb * 2**30))
+    rollout = build_rollout(cfg, policy, tokenizer)  # rollout.backend, with its hooks
     eval_rows = source.eval_rows()
 
     def accuracy() -> float:

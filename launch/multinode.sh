@@ -23,7 +23,10 @@
 # rank 0) that MASTER_PORT is free, so these mistakes fail in seconds instead of in every rank.
 #
 # Environment (default):
-#   NPROC_PER_NODE  ranks per node (every GPU; 2 on a machine without GPUs)
+#   NPROC_PER_NODE  ranks per node (the GPUs assigned, else every GPU; 2 on a machine without GPUs)
+#   CUDA_VISIBLE_DEVICES, SLURM_JOB_GPUS  no_ssh mode: the node's ranks run on these GPUs, not
+#                   on 0..N-1 (grpo_ds/launch_devices.py); a given HOSTFILE's slots on the node
+#                   must then reach the highest index. ssh mode numbers every host 0..N-1.
 #   NNODES          nodes to use (ssh mode: every host in HOSTFILE; no_ssh mode: required)
 #   NODE_RANK       this node's rank, 0..NNODES-1; set it to choose no_ssh mode
 #   MASTER_ADDR     address of node rank 0, reachable from every node (ssh mode: the first
@@ -33,8 +36,11 @@
 #   NODE_NAMES      no_ssh mode without HOSTFILE: space-separated host labels for the log
 #   CONFIG          training YAML (unset: the embedded default); DS_CONFIG -> --deepspeed.config
 #   RANK_LOG_DIR    each rank's stdout/stderr goes to DIR/<time>_rank<r>.log, not the console
+#   BIND_CORES_TO_RANK  1: bind each rank to its share of this launcher's CPUs with numactl
+#                   (error without numactl), auto: where numactl is installed, 0: no binding (0)
 #   DEEPSPEED_TIMEOUT  minutes a rank waits for the others, at the rendezvous and in every
-#                   collective (DeepSpeed's default 10). A node that never arrives fails the rest
+#                   collective (DeepSpeed's default 10), unless the config's
+#                   deepspeed.timeout_minutes sets it. A node that never arrives fails the rest
 #                   after this long; do not set it below your slowest generation phase.
 #   DRY_RUN=1       run the checks, print the launcher command, do not launch
 #   PYTHON          interpreter with grpo_ds and deepspeed installed (python)
@@ -50,6 +56,18 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python=${PYTHON:-python}
 MASTER_PORT=${MASTER_PORT:-29500}
+
+# no_ssh mode: the GPUs SLURM or CUDA_VISIBLE_DEVICES gave this node ("4,5,6,7"; empty when none
+# were assigned, or on CPU). The launcher would otherwise renumber the ranks onto GPUs 0..N-1.
+devices=""
+if [[ -n ${NODE_RANK:-} && -n ${CUDA_VISIBLE_DEVICES:-}${SLURM_JOB_GPUS:-} ]]; then
+    devices=$("$python" -m grpo_ds.launch_devices ${NPROC_PER_NODE:+--num_gpus "$NPROC_PER_NODE"} \
+        | tail -n1)
+    if [[ -n $devices && -z ${NPROC_PER_NODE:-} ]]; then
+        IFS=, read -r -a ids <<< "$devices"
+        NPROC_PER_NODE=${#ids[@]}
+    fi
+fi
 # (tail: DeepSpeed may log its accelerator choice on stdout first)
 NPROC_PER_NODE=${NPROC_PER_NODE:-$("$python" -c \
     'from grpo_ds.cli import default_num_ranks; print(default_num_ranks())' 2>/dev/null | tail -n1)}
@@ -63,8 +81,7 @@ if [[ -n ${CONFIG:-} ]]; then train_args+=("$CONFIG"); fi
 if [[ -n ${DS_CONFIG:-} ]]; then train_args+=("--deepspeed.config=$DS_CONFIG"); fi
 train_args+=("$@")
 
-launcher=("$python" -m deepspeed.launcher.runner --master_port "$MASTER_PORT"
-          --num_gpus "$NPROC_PER_NODE")
+launcher=("$python" -m deepspeed.launcher.runner --master_port "$MASTER_PORT")
 preflight=("$python" "$here/preflight.py" --num_gpus "$NPROC_PER_NODE")
 generated=""
 trap '[[ -n $generated ]] && rm -f "$generated"' EXIT
@@ -79,8 +96,16 @@ if [[ -n ${NODE_RANK:-} ]]; then
     if [[ -z ${HOSTFILE:-} ]]; then
         generated=$(mktemp "${TMPDIR:-/tmp}/grpo-ds-hostfile.XXXXXX")
         read -r -a names <<< "${NODE_NAMES:-}"
+        # this node's slots must include the highest assigned device index
+        here_slots=$NPROC_PER_NODE
+        IFS=, read -r -a ids <<< "$devices"
+        for id in "${ids[@]}"; do
+            if (( id + 1 > here_slots )); then here_slots=$((id + 1)); fi
+        done
         for ((i = 0; i < NNODES; i++)); do
-            echo "${names[i]:-node$i} slots=$NPROC_PER_NODE" >> "$generated"
+            slots=$NPROC_PER_NODE
+            if (( i == NODE_RANK )); then slots=$here_slots; fi
+            echo "${names[i]:-node$i} slots=$slots" >> "$generated"
         done
         HOSTFILE=$generated
     fi
@@ -103,11 +128,42 @@ else
 fi
 launcher+=(--hostfile "$HOSTFILE")
 preflight+=(--hostfile "$HOSTFILE")
-if [[ -n ${NNODES:-} ]]; then
-    launcher+=(--num_nodes "$NNODES")
-    preflight+=(--num_nodes "$NNODES")
+if [[ -n ${NNODES:-} ]]; then preflight+=(--num_nodes "$NNODES"); fi
+if [[ -n $devices ]]; then
+    # --include names every node's slots (it excludes --num_gpus and --num_nodes): this node's
+    # assigned GPUs; for the others 0..N-1, which only count their ranks (each node's own
+    # launcher picks its own devices).
+    mapfile -t hosts < <(awk '!/^[[:space:]]*(#|$)/ {print $1}' "$HOSTFILE")
+    include=""
+    for ((i = 0; i < NNODES; i++)); do
+        slots=$(seq -s, 0 $((NPROC_PER_NODE - 1)))
+        if (( i == NODE_RANK )); then slots=$devices; fi
+        include+="${include:+@}${hosts[i]}:$slots"
+    done
+    launcher+=(--include "$include")
+else
+    launcher+=(--num_gpus "$NPROC_PER_NODE")
+    if [[ -n ${NNODES:-} ]]; then launcher+=(--num_nodes "$NNODES"); fi
 fi
 if [[ -n ${RANK_LOG_DIR:-} ]]; then launcher+=(--enable_each_rank_log "$RANK_LOG_DIR"); fi
+# Per-rank CPU binding: the CPUs this launcher may use (its affinity: under srun --cpu-bind, the
+# task's), split evenly over the node's ranks by numactl, each rank's OMP_NUM_THREADS set to its
+# share (DeepSpeed's --bind_cores_to_rank). Without it every rank's threads roam all the CPUs.
+case ${BIND_CORES_TO_RANK:-0} in
+    0) ;;
+    1 | auto)
+        if command -v numactl > /dev/null; then
+            cpus=$("$python" -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0)))))')
+            launcher+=(--bind_cores_to_rank --bind_core_list "$cpus")
+        elif [[ $BIND_CORES_TO_RANK == 1 ]]; then
+            echo "multinode.sh: BIND_CORES_TO_RANK=1 needs numactl on this node" >&2
+            exit 2
+        else
+            echo "multinode.sh: no numactl here: ranks are not bound to cores (BIND_CORES_TO_RANK=auto)"
+        fi ;;
+    *) echo "multinode.sh: BIND_CORES_TO_RANK=$BIND_CORES_TO_RANK: must be 0, 1 or auto" >&2
+       exit 2 ;;
+esac
 launcher+=(--module grpo_ds.train "${train_args[@]}")
 
 "${preflight[@]}" "${train_args[@]}"

@@ -72,7 +72,7 @@ def test_multinode_no_ssh_mode_builds_one_launcher_per_node():
     for node_rank, command in enumerate(commands):
         flags = " ".join(command)
         assert f"--no_ssh --node_rank {node_rank} --master_addr 10.0.0.5" in flags
-        assert f"--master_port {port} --num_gpus 1" in flags
+        assert f"--master_port {port}" in flags and "--num_gpus 1" in flags
         assert "--num_nodes 2" in flags
         assert command[-3:] == ["--module", "grpo_ds.train", "--train.steps=2"]
 
@@ -84,17 +84,21 @@ def test_sbatch_starts_the_no_ssh_launcher_on_every_node_with_its_rank(tmp_path)
     (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'localhost\\ngpu-b\\n'\n")
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n# stand-in: one task per node, in turn, with the node's SLURM_NODEID\n"
+        "echo \"srun options: ${*%%bash*}\"\n"
         "while [[ $1 == -* ]]; do shift; done\n"
         "for ((n = 0; n < SLURM_NNODES; n++)); do SLURM_NODEID=$n \"$@\" || exit $?; done\n")
     for stub in bin_dir.iterdir():
         stub.chmod(0o755)
     env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "localhost,gpu-b", "SLURM_NNODES": "2",
            "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT), "NPROC_PER_NODE": "1",
+           "SLURM_CPUS_PER_TASK": "6",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     result = run(["bash", LAUNCH / "slurm" / "grpo.sbatch", "--train.steps=2"], env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     launches = [line for line in result.stdout.splitlines() if "deepspeed.launcher.runner" in line]
     assert len(launches) == 2
+    # each node's task gets the job's CPUs per task, bound to cores (srun does not inherit them)
+    assert "srun options: --ntasks-per-node=1 --cpus-per-task=6 --cpu-bind=cores" in result.stdout
     # The generated hostfile names the allocation's hosts, in scontrol's order.
     assert result.stdout.count("preflight: 2 nodes (localhost, gpu-b), 2 ranks, config OK") == 2
     for node_rank, line in enumerate(launches):

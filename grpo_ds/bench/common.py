@@ -67,15 +67,20 @@ def gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's list of floats (same length on all ranks), indexed [rank][i]."""
     import torch
     from deepspeed import comm as dist
+    from deepspeed.accelerator import get_accelerator
 
-    mine = torch.tensor(values, dtype=torch.float64)
+    # on the accelerator: NCCL gathers no host tensors
+    mine = torch.tensor(values, dtype=torch.float64, device=get_accelerator().current_device_name())
     everyone = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, mine)
     return [t.tolist() for t in everyone]
 
 
 class Clock:
-    """Wall time of a collective phase: barrier, run, barrier; the slowest rank's seconds."""
+    """Wall time of a collective phase: barrier, run, barrier; the slowest rank's seconds.
+
+    The clock reads synchronize the accelerator (metrics.synchronized_time), so a phase owns
+    the device work it queued."""
 
     def __init__(self):
         self.start = self.start_cpu = 0.0
@@ -83,18 +88,22 @@ class Clock:
     def __enter__(self):
         from deepspeed import comm as dist
 
+        from grpo_ds.metrics import synchronized_time
+
         dist.barrier()
-        self.start, self.start_cpu = time.perf_counter(), time.process_time()
+        self.start, self.start_cpu = synchronized_time(), time.process_time()
         return self
 
     def __exit__(self, *exc):
         from deepspeed import comm as dist
 
-        self.local = time.perf_counter() - self.start  # this rank's own time
+        from grpo_ds.metrics import synchronized_time
+
+        self.local = synchronized_time() - self.start  # this rank's own time
         # CPU time of this rank's threads: the work done, whatever else shares the cores
         self.cpu = time.process_time() - self.start_cpu
         dist.barrier()
-        self.seconds = time.perf_counter() - self.start  # includes waiting for the slowest rank
+        self.seconds = synchronized_time() - self.start  # includes waiting for the slowest rank
         return False
 
 

@@ -153,12 +153,17 @@ def timed(fn) -> dict:
     import torch
     from deepspeed import comm as dist
 
+    from grpo_ds.metrics import synchronized_time
+
     dist.barrier()
-    start, cpu_start = time.perf_counter(), time.process_time()
+    start, cpu_start = synchronized_time(), time.process_time()
     tokens = fn()
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    seconds, cpu = synchronized_time() - start, time.process_time() - cpu_start
     dist.barrier()
-    t = torch.tensor([float(tokens), seconds, cpu], dtype=torch.float64)
+    from deepspeed.accelerator import get_accelerator
+
+    t = torch.tensor([float(tokens), seconds, cpu], dtype=torch.float64,
+                     device=get_accelerator().current_device_name())  # NCCL: no host tensors
     every = [torch.zeros_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(every, t)
     tokens = int(sum(x[0] for x in every))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -149,10 +148,12 @@ class Peaks:
 
     @contextmanager
     def phase(self, name: str):
+        from grpo_ds.metrics import synchronized_time
+
         self._fold("between")
-        start = time.perf_counter()
+        start = synchronized_time()
         yield
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        self.seconds[name] = self.seconds.get(name, 0.0) + synchronized_time() - start
         self._fold(name)
 
     def overall(self) -> int:

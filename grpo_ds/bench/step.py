@@ -46,9 +46,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
-import time
 from dataclasses import asdict, dataclass, replace
 
 from grpo_ds.bench.common import Clock, gather_floats, launch_workers, say
@@ -130,10 +130,12 @@ class TimedEngine:
     def _timed(self, key, fn, *args, **kwargs):
         import torch
 
-        start = time.perf_counter()
+        from grpo_ds.metrics import synchronized_time
+
+        start = synchronized_time()
         with torch.profiler.record_function(f"update/{key}"):  # a range in --profile's trace
             result = fn(*args, **kwargs)
-        self.seconds[key] += time.perf_counter() - start
+        self.seconds[key] += synchronized_time() - start
         return result
 
     def __call__(self, *args, **kwargs):
@@ -287,7 +289,9 @@ def summarise(w: Workload, args, steps: list[dict], peaks: list[list[dict]], ext
                  "update": flops["update"], "step": flops["step"]}
     cpu_peak = sum(max(p[r]["flops_per_cpu_second"] for p in peaks)
                    for r in range(len(per_rank_peak)))  # FLOP per CPU second, summed over ranks
-    mfu_cpu = {k: cpu_flops[k] / (v * cpu_peak) for k, v in cpu.items() if v}
+    # (On a GPU the peak has no FLOP per CPU second: NaN, and no CPU-time MFU.)
+    mfu_cpu = {k: cpu_flops[k] / (v * cpu_peak) for k, v in cpu.items()
+               if v and not math.isnan(cpu_peak)}
     return {"workload": asdict(w), "ranks": len(per_rank_peak), "dtype": args.dtype, "mu": args.mu,
             "params_millions": round(extra.pop("params") / 1e6, 2),
             "body_params": flops["body_params"], "head_params": flops["head_params"],
@@ -330,6 +334,7 @@ def communication(ctx: dict, params: int, args) -> dict:
 
 def worker(args) -> None:
     import torch
+    from deepspeed.accelerator import get_accelerator
 
     from grpo_ds.bench.mfu import peak_all_ranks
     from grpo_ds.engine import init_distributed
@@ -350,6 +355,10 @@ def worker(args) -> None:
     peak_seconds = 0.2 if args.quick else 1.0
     peaks = [peak_all_ranks(DTYPES[args.dtype], peak_seconds)]
     say(rank, f"peak {[round(p['flops'] / 1e9, 1) for p in peaks[0]]} GFLOP/s per rank; warm-up")
+    if get_accelerator().device_name() != "cpu":
+        # the peak's large operands stay in the allocator's high-water marks: the memory
+        # reported is the steps', from here
+        get_accelerator().reset_peak_memory_stats()
     for step in range(w.warmup_steps):
         run_step(ctx, -step)  # untimed; step ids 0, -1, ... keep the timed ones' seeds as before
     steps = []
@@ -358,8 +367,8 @@ def worker(args) -> None:
         say(rank, f"step {step}: " + ", ".join(f"{k} {v:.2f}s" for k, v in steps[-1].items()))
     if args.profile:
         profile_step(ctx, args.profile)
+    memory = peak_memory_metrics(ctx["policy"].device)  # before the second peak's operands
     peaks.append(peak_all_ranks(DTYPES[args.dtype], peak_seconds))
-    memory = peak_memory_metrics(ctx["policy"].device)
     comm = communication(ctx, params, args) if ctx["world"] > 1 else {}
     extra = {"params": params, "threads_per_rank": torch.get_num_threads(),
              "host_allocator": active_host_allocator(), "fused_layers": ctx["fused_layers"],
@@ -369,6 +378,9 @@ def worker(args) -> None:
              "logprob_chunk_size": ctx["cfg"].train.logprob_chunk_size,
              "peak_memory_bytes_per_rank": [memory[f"memory/peak_bytes_rank{r}"]
                                             for r in range(ctx["world"])],
+             # GPU only (None on CPU): the caching allocator's peak reserve, what runs out
+             "peak_reserved_bytes_per_rank": [memory.get(f"memory/peak_reserved_bytes_rank{r}")
+                                              for r in range(ctx["world"])],
              "load_average": os.getloadavg(), "communication": comm}
     report = summarise(w, args, steps, peaks, extra)
     if rank == 0:
@@ -404,6 +416,9 @@ def format_table(r: dict) -> str:
     load = ", ".join(f"{x:.2f}" for x in r["load_average"])
     cpu = ", ".join(f"{k} {v:.2f} s (MFU {r['mfu_cpu'].get(k, 0):.2f})"
                     for k, v in r["cpu_seconds_per_rank"].items())
+    reserved = [b for b in r.get("peak_reserved_bytes_per_rank", []) if b is not None]
+    if reserved:  # a GPU: the line above is the peak allocation
+        memory += " allocated; reserved " + ", ".join(f"{b / 2**30:.2f}" for b in reserved)
     lines += ["", f"peak memory per rank (GiB): {memory}",
               (f"mfu_update {r['mfu_update']:.3f}   mfu_step {r['mfu_step']:.3f}   "
                f"(load average {load})"),

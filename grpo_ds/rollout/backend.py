@@ -1,7 +1,8 @@
 """The rollout contract: what the trainer passes in and what every generation backend returns.
 
-Any engine that implements `RolloutBackend.generate` can replace our `HybridRollout`
-(vLLM later; DeepSpeed's HybridEngineRollout through `ds_hybrid.DeepSpeedHybridBackend`).
+Any engine that implements `RolloutBackend` can replace our `HybridRollout` (vLLM later;
+DeepSpeed's HybridEngineRollout through `ds_hybrid.DeepSpeedHybridBackend`); `rollout.backend`
+chooses it (select.py), which also calls the hooks around every rollout.
 
 Row layout: rows i*G .. i*G+G-1 hold the G samples of prompt i.
 """
@@ -62,7 +63,25 @@ class RolloutOutput:
 
 @runtime_checkable
 class RolloutBackend(Protocol):
-    """A generation engine the trainer can call. Under ZeRO-3 all ranks call it together."""
+    """A generation engine the trainer can call. Under ZeRO-3 all ranks call it together.
+
+    Around every `generate`, select.ColocatedRollout calls, in this order: `wake()`, then
+    `sync_weights(policy)` if the policy took an optimizer step since the last sync, then
+    `generate`, then `sleep()` (also when generate raises). The hooks exist for an engine
+    colocated with training on the same GPUs that keeps its own copy of the weights and its own
+    KV cache (vLLM and the like):
+    - `sync_weights(policy)`: copy the policy's current weights into the engine. Under ZeRO-3
+      every parameter is sharded, so each is gathered (`deepspeed.zero.GatheredParameters`, all
+      ranks together, one parameter or layer at a time to bound memory) and handed to the
+      engine's weight loader; a prefix cache must then be reset, since cached keys and values
+      belong to the old weights.
+    - `sleep()`: free the engine's device memory (KV cache, and its weights if they can be
+      reloaded) for the update, which needs it for activations, gradients and optimizer state.
+    - `wake()`: take it back before the next rollout.
+    Our own engines read the live policy weights (HybridRollout gathers the ZeRO-3 shards at each
+    call and frees them, with its KV cache, when the call returns; DeepSpeed's hybrid engine
+    generates from the training engine itself), so for them the three hooks do nothing.
+    """
 
     def generate(
         self,
@@ -71,6 +90,26 @@ class RolloutBackend(Protocol):
         params: SamplingParams,
         seed: int,
     ) -> RolloutOutput: ...
+
+    def sync_weights(self, policy) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+
+class ReadsLiveWeights:
+    """The hooks of a backend that generates from the live policy weights: nothing to do (see
+    RolloutBackend): no copy to sync, no memory held between calls."""
+
+    def sync_weights(self, policy) -> None:
+        return None
+
+    def sleep(self) -> None:
+        return None
+
+    def wake(self) -> None:
+        return None
 
 
 def left_pad(

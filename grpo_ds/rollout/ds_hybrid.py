@@ -18,10 +18,16 @@ from collections.abc import Sequence
 
 import torch
 
-from grpo_ds.rollout.backend import RolloutOutput, SamplingParams, left_pad, mask_through_first_stop
+from grpo_ds.rollout.backend import (
+    ReadsLiveWeights,
+    RolloutOutput,
+    SamplingParams,
+    left_pad,
+    mask_through_first_stop,
+)
 
 
-class DeepSpeedHybridBackend:
+class DeepSpeedHybridBackend(ReadsLiveWeights):
     def __init__(self, engine, tokenizer):
         from deepspeed.runtime.rollout import HybridEngineRollout
 

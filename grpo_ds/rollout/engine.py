@@ -44,7 +44,7 @@ from grpo_ds.config import PACKED_WEIGHT_CHOICES
 from grpo_ds.model_spec import generation_row_bytes, llama_spec
 from grpo_ds.packed_linear import packing_supported
 from grpo_ds.rollout.attention import shared_prefix_attention
-from grpo_ds.rollout.backend import RolloutOutput, SamplingParams, left_pad
+from grpo_ds.rollout.backend import ReadsLiveWeights, RolloutOutput, SamplingParams, left_pad
 from grpo_ds.rollout.cache import make_cache
 from grpo_ds.rollout.decode import decode
 from grpo_ds.rollout.forward import FullForward, LayeredForward, check_layered_support
@@ -61,7 +61,7 @@ from grpo_ds.rollout.stops import StopChecker
 GATHER_MODES = ("auto", "full", "layers")
 
 
-class HybridRollout:
+class HybridRollout(ReadsLiveWeights):
     """Generation engine over the live policy (ZeRO-3 partitioned or plain).
 
     model: HF causal LM (e.g. `policy_engine.module`).
