@@ -139,3 +139,62 @@ def test_a_whole_grpo_ds_train_process_fails_in_time(tmp_path):
     assert result.returncode == 2 and "launching" not in result.stdout, result.stderr[-2000:]
     assert f"needs column 'ground_truth', which {data} does not have" in result.stderr
     assert elapsed < LIMIT_S, f"{elapsed:.1f} s"
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands grpo_ds/configs/gsm8k.yaml's header shows
+
+RECIPE = REPO / "grpo_ds" / "configs" / "gsm8k.yaml"
+SAMPLE = REPO / "tests" / "data" / "gsm8k_sample.jsonl"
+CHAT_TEMPLATE = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def header_commands() -> list[list[str]]:
+    """The command and the override sets the header shows, shell-split."""
+    import shlex
+
+    lines = [line[1:].strip() for line in RECIPE.read_text().splitlines() if line.startswith("#")]
+    joined = " ".join(line[:-1] if line.endswith("\\") else line + "\n" for line in lines)
+    return [shlex.split(c.strip()) for c in joined.splitlines()
+            if c.strip().startswith(("grpo-ds train", "--", '"--'))]
+
+
+def test_the_gsm8k_header_commands_launch(tmp_path, monkeypatch):
+    tokenizer = text_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    model = save_causal_lm(tmp_path / "model", tokenizer)
+    chat = jsonl(tmp_path / "chat.jsonl", [
+        {"prompt": [{"role": "user", "content": json.loads(line)["question"]}],
+         "answer": json.loads(line)["answer"]} for line in SAMPLE.read_text().splitlines()])
+    command, same_files, chat_rows = header_commands()
+    assert command[:3] == ["grpo-ds", "train", "grpo_ds/configs/gsm8k.yaml"]
+    paths = {"/models/my-1b-model": str(model), "/data/gsm8k/train.jsonl": str(SAMPLE),
+             "/data/gsm8k/test.jsonl": str(SAMPLE)}
+    main = [next((a.replace(k, v) for k, v in paths.items() if k in a), a) for a in command[2:]]
+    launched = []
+
+    class Launcher:
+        pid = -1
+
+        @staticmethod
+        def wait():
+            return 0
+
+    real_popen = cli.subprocess.Popen  # also what ctypes uses to find the host allocator
+
+    def popen(command, **kwargs):
+        if "grpo_ds.train" not in command:
+            return real_popen(command, **kwargs)
+        launched.append(command)
+        return Launcher
+
+    monkeypatch.setattr(cli.subprocess, "Popen", popen)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # keep pytest's handlers
+    monkeypatch.chdir(REPO)
+    for extra in ([], same_files, [*chat_rows, f"--data.train_path={chat}",
+                                   f"--data.eval_path={chat}"]):
+        assert cli.main(["train", *main, *extra]) == 0
+        assert launched[-1][-len(main) - len(extra):] == main + extra  # passed on to the ranks
+    assert any(a.startswith("--data.system_prompt=") for a in same_files)
+    assert "--data.use_chat_template=true" in same_files
