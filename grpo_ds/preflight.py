@@ -68,12 +68,12 @@ def check_model(path: str):
 
     try:
         AutoConfig.from_pretrained(path)
-    except Exception as error:  # noqa: BLE001 (any failure to read it is the user's to fix)
+    except Exception as error:
         raise ConfigError(f"model.path={path!r}: its config.json cannot be read: "
                           f"{type(error).__name__}: {error}") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         raise ConfigError(f"model.path={path!r}: its tokenizer cannot be loaded: "
                           f"{type(error).__name__}: {error}") from error
     if tokenizer.eos_token_id is None:

@@ -134,7 +134,7 @@ def test_a_whole_grpo_ds_train_process_fails_in_time(tmp_path):
         [sys.executable, "-m", "grpo_ds.cli", "train", f"--data.train_path={data}",
          "--data.prompt_column=question", f"--rewards.functions={reward}:accuracy",
          f"--model.path={save_causal_lm(tmp_path / 'policy', text_tokenizer())}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
     elapsed = time.perf_counter() - start
     assert result.returncode == 2 and "launching" not in result.stdout, result.stderr[-2000:]
     assert f"needs column 'ground_truth', which {data} does not have" in result.stderr
