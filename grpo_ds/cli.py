@@ -1,7 +1,8 @@
 """`grpo-ds`: train, plan, bench, export, plot.
 
-`grpo-ds train` validates the config in this process (seconds, before any rank exists), then
-starts the `deepspeed` launcher with N local ranks running `grpo_ds.train`. N defaults to every
+`grpo-ds train` validates the config and reads the model's config and tokenizer, the data files
+and the reward functions in this process (seconds, before any rank exists; grpo_ds/preflight.py),
+then starts the `deepspeed` launcher with N local ranks running `grpo_ds.train`. N defaults to every
 GPU, or 2 on a machine without GPUs (DeepSpeed's own default on CPU is the NUMA-node count: 1).
 GPUs that SLURM or CUDA_VISIBLE_DEVICES assigned are the ones used (launch_devices.py).
 """
@@ -117,6 +118,13 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         return 2
     except LaunchError as err:
         print(f"grpo-ds train: GPU assignment: {err}", file=sys.stderr)
+        return 2
+    from grpo_ds.preflight import preflight  # imports transformers/datasets: after the config
+
+    try:
+        preflight(cfg)
+    except ValueError as err:  # ConfigError, DataError, RewardSpecError: each names its input
+        print(f"grpo-ds train: {err}", file=sys.stderr)
         return 2
     port = cfg.deepspeed.master_port or free_port()
     problem = port_problem(port)

@@ -59,7 +59,8 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "arithmetic"
-    """Built-in synthetic task (`arithmetic`) or `dataset` to train on `data`."""
+    """Built-in synthetic task (`arithmetic`) or `dataset` to train on `data`. Left unset, a
+    `data.train_path` selects `dataset`; `arithmetic` set explicitly with one is an error."""
     digits: int = 2
     """arithmetic: operands have 1..digits digits."""
     carry_drop: float = 0.75
@@ -94,17 +95,24 @@ class WarmupConfig:
 @dataclass
 class DataConfig:
     train_path: str | None = None
-    """task=dataset: local JSON/JSONL/CSV/Parquet file (or a `datasets` name)."""
+    """Local JSON/JSONL/CSV/Parquet file (or a `datasets` name); setting it selects task=dataset."""
     eval_path: str | None = None
     """task=dataset: held-out file for periodic evaluation."""
     prompt_column: str = "prompt"
-    """Column holding the prompt (or the question a template formats)."""
+    """Column holding the prompt: text, or chat messages (TRL's conversational format), which
+    the tokenizer's chat template formats."""
     answer_column: str = "answer"
-    """Column holding the reference answer, passed to rewards as `answer`."""
+    """Column holding the reference answer, passed to rewards as `answer` (if the data lacks
+    it, only rewards that need `answer` fail, before launch)."""
+    system_prompt: str | None = None
+    """Conversational or chat-template prompts: a system message put first; plain-text
+    prompts: text put before each prompt, separated by a blank line."""
+    shuffle: bool = True
+    """Shuffle the prompts each epoch (seeded by train.seed); false visits them in file order."""
     template: str | None = None
     """Prompt template using column names, e.g. `Question: {question}\\nAnswer:`."""
     use_chat_template: bool = False
-    """Format prompts with the tokenizer's chat template."""
+    """Format plain-text prompts as one user message with the tokenizer's chat template."""
     max_prompt_length: int = 512
     """Longest prompt in tokens; longer ones are handled per `overlong_prompts`."""
     overlong_prompts: str = "truncate"
@@ -316,7 +324,7 @@ def _coerce(value, annotation: str, where: str):
     raise ConfigError(f"{where}: unsupported field type {annotation}")
 
 
-def _apply(cfg: Config, section: str, key: str, value, source: str) -> None:
+def _apply(cfg: Config, section: str, key: str, value, source: str) -> str:
     if not hasattr(cfg, section) or section.startswith("_"):
         names = ", ".join(f.name for f in dataclasses.fields(Config))
         raise ConfigError(f"{source}: unknown section '{section}' (sections: {names})")
@@ -327,11 +335,13 @@ def _apply(cfg: Config, section: str, key: str, value, source: str) -> None:
             f"{source}: unknown field '{section}.{key}' (fields: {', '.join(hints)})"
         )
     setattr(sub, key, _coerce(value, str(hints[key]), f"{section}.{key}"))
+    return f"{section}.{key}"
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML config (None = the embedded default) and apply `section.key=value` overrides."""
     cfg = Config()
+    given: set[str] = set()  # the fields the YAML or an override sets
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -346,14 +356,16 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section '{section}' must be a mapping")
             for key, value in values.items():
-                _apply(cfg, section, key, value, path)
+                given.add(_apply(cfg, section, key, value, path))
     for item in overrides:
         text = item.removeprefix("--")
         if "=" not in text or "." not in text.split("=", 1)[0]:
             raise ConfigError(f"override '{item}': expected --section.key=value")
         dotted, value = text.split("=", 1)
         section, key = dotted.split(".", 1)
-        _apply(cfg, section, key, value, f"override '{item}'")
+        given.add(_apply(cfg, section, key, value, f"override '{item}'"))
+    if cfg.data.train_path and "task.name" not in given:
+        cfg.task.name = "dataset"  # a dataset given is the dataset to train on
     return cfg
 
 
@@ -493,6 +505,12 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
             check_classifier(spec.removeprefix("model:"))
     if cfg.task.name == "dataset" and not cfg.data.train_path:
         raise ConfigError("data.train_path: required when task.name='dataset'")
+    given = [f for f in ("data.train_path", "data.eval_path") if _get(cfg, f)]
+    if cfg.task.name == "arithmetic" and given:
+        raise ConfigError(
+            f"task.name='arithmetic' trains on the built-in synthetic task, which does not read "
+            f"{' or '.join(given)}={_get(cfg, given[0])!r}: set task.name=dataset (or leave "
+            "task.name unset, and data.train_path selects the dataset)")
     if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path={cfg.model.path!r}: no config.json there (a local HF model dir)")
     if cfg.task.name == "dataset" and cfg.model.path is None:

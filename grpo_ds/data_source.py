@@ -2,33 +2,52 @@
 
 The dataset is loaded, validated, formatted and tokenised once, before the first step, so bad
 input fails before any GPU time is spent; then each step takes this rank's slice of a seeded,
-per-epoch shuffle. Rows carry their token ids (`prompt_ids`) and every dataset column, which
-reward functions receive as keyword arguments.
+per-epoch shuffle (or file order). Rows carry their token ids (`prompt_ids`), the prompt as reward
+functions get it (`prompt`: the formatted text, or the chat messages of a conversational row) and
+every other dataset column, which reward functions receive as keyword arguments.
 """
 
 from __future__ import annotations
 
 from grpo_ds.config import Config
-from grpo_ds.data import PromptSampler, load_prompt_dataset, prepare_prompts
+from grpo_ds.data import DataError, PromptSampler, load_prompt_dataset, prepare_prompts
+from grpo_ds.rewards import RESERVED_KEYWORDS
+
+# Row keys the trainer sets itself; a dataset column of one of these names would be overwritten.
+OWN_KEYS = ("prompt_ids", *RESERVED_KEYWORDS)
 
 
-def _prepared_rows(cfg: Config, path: str, tokenizer) -> tuple[list[dict], dict]:
+def prepared_rows(cfg: Config, path: str, tokenizer) -> tuple[list[dict], dict]:
+    """The rows of one file as the loop consumes them, and counts of truncated/dropped prompts."""
     d = cfg.data
+    alias = d.answer_column != "answer"  # the answer column reaches rewards as `answer`
     dataset = load_prompt_dataset(path, prompt_column=d.prompt_column,
-                                  required_columns=[d.answer_column])
+                                  required_columns=[d.answer_column] if alias else [])
+    _check_column_names(dataset.column_names, path, alias)
     prepared = prepare_prompts(dataset, tokenizer, max_prompt_length=d.max_prompt_length,
                                overflow=d.overlong_prompts, template=d.template,
                                use_chat_template=d.use_chat_template,
-                               prompt_column=d.prompt_column)
+                               system_prompt=d.system_prompt, prompt_column=d.prompt_column)
+    messages = prepared.messages or [None] * len(prepared.texts)
     rows = []
-    for row, text, ids in zip(prepared.rows, prepared.texts, prepared.input_ids):
+    for row, text, chat, ids in zip(prepared.rows, prepared.texts, messages, prepared.input_ids):
         columns = {k: v for k, v in row.items() if k != "prompt"}
-        if d.answer_column != "answer":
+        if alias:
             columns["answer"] = row[d.answer_column]
-        rows.append({**columns, "prompt": text, "prompt_ids": ids})
+        rows.append({**columns, "prompt": text if chat is None else chat, "prompt_ids": ids})
     counts = {"data/truncated_prompts": prepared.num_truncated,
               "data/dropped_prompts": prepared.num_dropped}
     return rows, counts
+
+
+def _check_column_names(columns: list[str], path: str, alias: bool) -> None:
+    clash = [c for c in columns if c in OWN_KEYS]
+    if clash:
+        raise DataError(f"{path}: column {clash[0]!r} has the name of an argument the trainer "
+                        f"passes to reward functions ({', '.join(OWN_KEYS)}); rename it")
+    if alias and "answer" in columns:
+        raise DataError(f"{path}: data.answer_column names another column, but there is a column "
+                        "'answer' too, which it would hide from reward functions; rename one")
 
 
 class DatasetSource:
@@ -39,17 +58,21 @@ class DatasetSource:
 
     @classmethod
     def from_config(cls, cfg: Config, rank: int, world: int, tokenizer) -> DatasetSource:
-        train_rows, counts = _prepared_rows(cfg, cfg.data.train_path, tokenizer)
+        train_rows, counts = prepared_rows(cfg, cfg.data.train_path, tokenizer)
         eval_rows = []
         if cfg.data.eval_path:
-            eval_rows, _ = _prepared_rows(cfg, cfg.data.eval_path, tokenizer)
+            eval_rows, _ = prepared_rows(cfg, cfg.data.eval_path, tokenizer)
         sampler = PromptSampler(len(train_rows), cfg.train.prompts_per_step, seed=cfg.train.seed,
-                                rank=rank, world_size=world)
+                                rank=rank, world_size=world, shuffle=cfg.data.shuffle)
         return cls(train_rows, eval_rows, sampler, rank, world, counts)
 
     def step_rows(self, step: int) -> list[dict]:
         """This rank's prompts for the next step (the sampler keeps the position)."""
         return [self.train_rows[i] for i in self.sampler.next_batch()]
+
+    def epoch(self) -> float:
+        """Epochs of prompts handed out so far (TrainerState.epoch for reward functions)."""
+        return self.sampler.epoch + self.sampler.index / self.sampler.num_prompts
 
     def eval_rows(self) -> list[dict]:
         """This rank's share of the held-out rows (ranks together cover all of them)."""

@@ -8,6 +8,7 @@ or SLURM script launch it themselves. It wires the parts together and hands over
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from grpo_ds.host_memory import active_host_allocator
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
 from grpo_ds.onednn_linear import apply_onednn_linears
+from grpo_ds.preflight import ARITHMETIC_COLUMNS, check_rewards, row_columns
 from grpo_ds.rewards import load_reward_function
 from grpo_ds.trainer import run_grpo, summary_path
 from grpo_ds.warmup import warm_start
@@ -56,6 +58,27 @@ def make_source(cfg: Config, rank: int, world: int):
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     return DatasetSource.from_config(cfg, rank, world, tokenizer), tokenizer
+
+
+def source_columns(cfg: Config, source) -> dict[str, list[str]]:
+    """The columns reward functions get, per file (for check_rewards)."""
+    if cfg.task.name == "arithmetic":
+        return {"the built-in arithmetic task": list(ARITHMETIC_COLUMNS)}
+    columns = {cfg.data.train_path: row_columns(source.train_rows)}
+    if cfg.data.eval_path and source.eval_rows():
+        columns[cfg.data.eval_path] = row_columns(source.eval_rows())
+    return columns
+
+
+def strict_json(value):
+    """`value` with NaN and inf floats as None: summary.json is strict JSON (null = no value)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def names_of_rewards(specs: list[str]) -> list[str]:
@@ -105,6 +128,8 @@ def train(cfg: Config) -> int:
         logger.scalars(0, counts)
     reward_names = names_of_rewards(cfg.rewards.functions)
     reward_fns = load_rewards(cfg, deepspeed_config(cfg, plan))
+    check_rewards(cfg, {s: f for s, f in zip(cfg.rewards.functions, reward_fns)
+                        if not s.startswith("model:")}, source_columns(cfg, source))
 
     model_path, warmup_curve = cfg.model.path, None
     if state is not None:  # resuming: no warm-up; the start model is also the reference
@@ -138,13 +163,15 @@ def train(cfg: Config) -> int:
         return PREEMPTED_EXIT_CODE
     if cfg.output.save_model:
         save_hf_model(policy, tokenizer, run_dir / "model", cfg.model.dtype)
+    # Accuracies are null when there is no held-out set (the evaluation of nothing is NaN).
     summary = {"accuracy_before": result["accuracy_before"],
                "accuracy_after": result["accuracy_after"], "steps": cfg.train.steps,
                "wall_seconds": round(time.time() - start, 1), "world_size": world,
                "host_allocator": active_host_allocator(),
                "eval_curve": result["eval_curve"], "warmup_curve": warmup_curve}
     if rank == 0:
-        summary_path(cfg.output.run_dir).write_text(json.dumps(summary, indent=2))
+        summary = strict_json(summary)
+        summary_path(cfg.output.run_dir).write_text(json.dumps(summary, indent=2, allow_nan=False))
         logger.print(json.dumps({k: v for k, v in summary.items()
                                  if not k.endswith("curve")}))
     logger.close()

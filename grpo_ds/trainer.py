@@ -38,7 +38,7 @@ from grpo_ds.failures import (
 )
 from grpo_ds.loss import grpo_loss, merge_loss_metrics
 from grpo_ds.metrics import peak_memory_metrics, synchronized_time
-from grpo_ds.rewards import compute_rewards, load_reward_function
+from grpo_ds.rewards import call_reward, compute_rewards, load_reward_function, trainer_state
 from grpo_ds.rollout import RolloutBackend, SamplingParams, logprob_gap
 from grpo_ds.rollout.passes import release_cached_memory
 from grpo_ds.rollout.select import build_rollout
@@ -78,20 +78,37 @@ def decode(tokenizer, ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
             for row, m in zip(ids.cpu(), mask.cpu())]
 
 
+def reward_inputs(rows: list[dict], texts: list[str], ids: torch.Tensor, mask: torch.Tensor,
+                  group: int):
+    """(prompts, completions, columns) [B*G] as TRL passes them to reward functions: a
+    conversational row's prompt is its messages and each completion one assistant message;
+    every column but the prompt is repeated G times; `completion_ids` are the unpadded ids."""
+    prompts = [r["prompt"] for r in rows for _ in range(group)]
+    completions = texts
+    if isinstance(rows[0]["prompt"], list):
+        completions = [[{"role": "assistant", "content": text}] for text in texts]
+    columns = {k: [r[k] for r in rows for _ in range(group)] for k in rows[0]
+               if k not in PROMPT_KEYS}
+    columns["completion_ids"] = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu())]
+    return prompts, completions, columns
+
+
 def generate_and_score(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict],
-                       reward_fns, reward_names, seed: int):
-    """Sample G completions per prompt and score them. Returns (batch, texts, metrics)."""
+                       reward_fns, reward_names, seed: int, state=None):
+    """Sample G completions per prompt and score them. Returns (batch, texts, metrics).
+
+    `state` is the `trainer_state` reward functions get (a TrainerState at step 0 if None)."""
     G = cfg.rollout.group_size
     prompt_ids = [prompt_token_ids(tokenizer, r) for r in rows]
     out = rollout.generate(prompt_ids, group_size=G, params=sampling_params(cfg, tokenizer),
                            seed=seed)
-    completions = decode(tokenizer, out.completion_ids, out.completion_mask)
-    prompts = [r["prompt"] for r in rows for _ in range(G)]
-    columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k not in PROMPT_KEYS}
-    columns["completion_ids"] = [ids[m.bool()].tolist() for ids, m in
-                                 zip(out.completion_ids.cpu(), out.completion_mask.cpu())]
+    texts = decode(tokenizer, out.completion_ids, out.completion_mask)
+    prompts, completions, columns = reward_inputs(rows, texts, out.completion_ids,
+                                                  out.completion_mask, G)
+    shared = {"trainer_state": state or trainer_state(0, cfg.train.steps)}
     per_func, reward_stats = compute_rewards(reward_fns, reward_names, prompts, completions,
-                                             columns, on_error=cfg.rewards.on_error)
+                                             columns, on_error=cfg.rewards.on_error,
+                                             shared=shared)
     # Reward functions return Python numbers, so per_func is built on the CPU; from here on the
     # rewards meet the rollout's tensors (KL penalty, masks, loss) on the rollout's device.
     device = out.completion_ids.device
@@ -105,8 +122,9 @@ def generate_and_score(cfg: Config, rollout: RolloutBackend, tokenizer, rows: li
                          advantages=torch.zeros(len(prompts), device=device),
                          sampled_logprobs=out.sampled_logprobs)
     if cfg.grpo.process_reward:
-        batch.process_steps = process_reward_fn(cfg.grpo.process_reward)(
-            prompts, completions, **columns)
+        batch.process_steps = call_reward(process_reward_fn(cfg.grpo.process_reward),
+                                          prompts=prompts, completions=completions,
+                                          **columns, **shared)
     lengths = out.completion_mask.sum(1).float()
     metrics = {**reward_stats, **combine_stats,
                "completions/mean_length": lengths.mean().item(),
@@ -114,7 +132,7 @@ def generate_and_score(cfg: Config, rollout: RolloutBackend, tokenizer, rows: li
                "completions/max_length": lengths.max().item(),
                "completions/clipped_ratio": out.truncated.float().mean().item(),
                "time/generation": out.metrics.get("seconds", 0.0)}
-    return batch, rewards, (prompts, completions), metrics
+    return batch, rewards, (prompts, texts), metrics
 
 
 def length_sorted_micro_batches(batch: RolloutBatch, micro: int):
@@ -248,7 +266,7 @@ def score_advantages(cfg: Config, batch: RolloutBatch, rewards: torch.Tensor) ->
 
 
 def correct_counts(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict], reward_fn,
-                   device, group: int = 1, chunk: int = 256) -> list[int]:
+                   device, group: int = 1, chunk: int = 256, state=None) -> list[int]:
     """Per held-out prompt of this rank: how many of its `group` completions score 1.0 (greedy
     when group is 1, else sampled at the rollout temperature).
 
@@ -264,31 +282,33 @@ def correct_counts(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[d
         out = rollout.generate(prompt_ids, group_size=group, params=params, seed=start + 1)
         if not part:
             continue
-        completions = decode(tokenizer, out.completion_ids, out.completion_mask)
-        columns = {k: [r[k] for r in part for _ in range(group)] for k in part[0]
-                   if k not in PROMPT_KEYS}
-        scores = reward_fn([r["prompt"] for r in part for _ in range(group)], completions,
-                           **columns)
-        hits = [s is not None and s >= 1.0 for s in scores]
+        texts = decode(tokenizer, out.completion_ids, out.completion_mask)
+        prompts, completions, columns = reward_inputs(part, texts, out.completion_ids,
+                                                      out.completion_mask, group)
+        scores, _ = compute_rewards(
+            [reward_fn], [getattr(reward_fn, "__name__", "reward")], prompts, completions,
+            columns, on_error=cfg.rewards.on_error,
+            shared={"trainer_state": state or trainer_state(0, cfg.train.steps)})
+        hits = (scores[:, 0] >= 1.0).tolist()  # None (NaN) is not a hit
         counts += [sum(hits[i:i + group]) for i in range(0, len(hits), group)]
     return counts
 
 
 def evaluate(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict], reward_fn,
-             device) -> float:
+             device, state=None) -> float:
     """Held-out greedy accuracy: the share of prompts whose greedy answer scores 1.0, all ranks."""
-    correct = sum(correct_counts(cfg, rollout, tokenizer, rows, reward_fn, device))
+    correct = sum(correct_counts(cfg, rollout, tokenizer, rows, reward_fn, device, state=state))
     total = global_sum(len(rows), device)
     return global_sum(correct, device) / total if total else float("nan")
 
 
 def evaluate_pass_at_k(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict],
-                       reward_fn, device) -> dict[str, float]:
+                       reward_fn, device, state=None) -> dict[str, float]:
     """Unbiased pass@k (Chen et al. 2021) over G samples per held-out prompt, k = 1, 2, 4 .. G."""
     from grpo_ds.data import pass_at_k
 
     G = cfg.rollout.group_size
-    counts = correct_counts(cfg, rollout, tokenizer, rows, reward_fn, device, group=G)
+    counts = correct_counts(cfg, rollout, tokenizer, rows, reward_fn, device, group=G, state=state)
     ks = sorted({2**i for i in range(G.bit_length()) if 2**i <= G} | {G})
     total = global_sum(len(rows), device)
     return {f"eval/pass@{k}": global_sum(sum(pass_at_k(G, c, k) for c in counts), device)
@@ -296,15 +316,16 @@ def evaluate_pass_at_k(cfg: Config, rollout: RolloutBackend, tokenizer, rows: li
 
 
 def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: RolloutBackend,
-              tokenizer, rows: list[dict], reward_fns, reward_names, step: int):
-    """One GRPO step on this rank's prompt rows: sample and score, reference log-probs,
-    advantages, mu optimizer steps. Returns (batch, rewards [B*G], (prompts, completions),
+              tokenizer, rows: list[dict], reward_fns, reward_names, step: int, reward_state=None):
+    """One GRPO step on this rank's prompt rows: sample and score (reward functions get
+    `reward_state` as TRL's `trainer_state`), reference log-probs, advantages, mu optimizer
+    steps. Returns (batch, rewards [B*G], (prompts, completions),
     metrics reduced over ranks). Every tensor of the batch is on the policy's device."""
     rank, device = dist.get_rank(), policy.device
     t0 = synchronized_time()
     batch, rewards, texts, metrics = generate_and_score(
         cfg, rollout, tokenizer, rows, reward_fns, reward_names,
-        sample_seed(cfg.train.seed, step, rank))
+        sample_seed(cfg.train.seed, step, rank), state=reward_state)
     t1 = synchronized_time()
     batch = batch.slice(0, len(batch))  # detach from the rollout's tensors
     release_cached_memory()  # the rollout's KV cache and logits, before the update's shapes
@@ -337,12 +358,18 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
     rollout = build_rollout(cfg, policy, tokenizer)  # rollout.backend, with its hooks
     eval_rows = source.eval_rows()
 
-    def accuracy() -> float:
-        return evaluate(cfg, rollout, tokenizer, eval_rows, reward_fns[0], device)
+    def reward_state(done: int):
+        """The `trainer_state` reward functions get once `done` GRPO steps are complete."""
+        epoch = source.epoch() if hasattr(source, "epoch") else None
+        return trainer_state(done, cfg.train.steps, epoch=epoch, is_world_process_zero=rank == 0)
+
+    def accuracy(done: int) -> float:
+        return evaluate(cfg, rollout, tokenizer, eval_rows, reward_fns[0], device,
+                        state=reward_state(done))
 
     stop = StopRequest(rank).install()  # SIGTERM/SIGINT: finish the step, save, exit
     if state.step == 0:
-        state.accuracy_before = accuracy()
+        state.accuracy_before = accuracy(0)
         logger.print(f"GRPO start: held-out greedy accuracy {state.accuracy_before:.3f}")
         logger.scalars(0, {"eval/accuracy": state.accuracy_before})
         state.history = [{"step": 0, "accuracy": state.accuracy_before}]
@@ -350,16 +377,16 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
         skipped_before = policy.skipped_steps
         batch, rewards, texts, metrics = grpo_step(
             cfg, plan, policy, reference, rollout, tokenizer, source.step_rows(step), reward_fns,
-            reward_names, step)
+            reward_names, step, reward_state=reward_state(step - 1))
         # One all-reduce per step: a signal may reach only some ranks, yet all stop together.
         stopping, bad = agree(stop.requested, policy.skipped_steps > skipped_before, device)
         metrics["nan_skipped_steps"] = count_bad_step(state, bad, metrics["loss"])
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
-            metrics["eval/accuracy"] = accuracy()
+            metrics["eval/accuracy"] = accuracy(step)
             state.history.append({"step": step, "accuracy": metrics["eval/accuracy"]})
             if cfg.train.eval_pass_at_k:
                 metrics.update(evaluate_pass_at_k(cfg, rollout, tokenizer, eval_rows,
-                                                  reward_fns[0], device))
+                                                  reward_fns[0], device, reward_state(step)))
         logger.scalars(step, metrics)
         logger.histogram(step, "rewards", rewards[~rewards.isnan()])
         logger.histogram(step, "advantages", batch.advantages)
@@ -374,7 +401,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
             checkpointer.save(state)
         if stopping:
             return {"preempted": True}
-    accuracy_after = accuracy()
+    accuracy_after = accuracy(cfg.train.steps)
     logger.scalars(cfg.train.steps, {"eval/accuracy": accuracy_after})
     history = state.history + [{"step": cfg.train.steps, "accuracy": accuracy_after}]
     return {"preempted": False, "accuracy_before": state.accuracy_before,

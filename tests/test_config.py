@@ -83,3 +83,19 @@ def test_onednn_linears_on_needs_float32_before_launch():
     with pytest.raises(ConfigError, match="model.onednn_linears='fast': must be one of"):
         validate(load_config(None, ["--model.onednn_linears=fast"]), 2)
     validate(load_config(None, ["--model.onednn_linears=auto", "--model.dtype=bfloat16"]), 2)
+
+
+def test_a_train_path_selects_the_dataset_task_unless_arithmetic_is_asked_for(tmp_path):
+    cfg = load_config(None, ["--data.train_path=train.jsonl"])
+    assert cfg.task.name == "dataset"
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  train_path: train.jsonl\n")
+    assert load_config(str(path)).task.name == "dataset"
+    assert load_config(None).task.name == "arithmetic"  # no dataset: the built-in task
+    explicit = load_config(str(path), ["--task.name=arithmetic"])
+    with pytest.raises(ConfigError) as err:
+        validate(explicit, world_size=2)
+    assert ("task.name='arithmetic' trains on the built-in synthetic task, which does not read "
+            "data.train_path='train.jsonl'") in str(err.value)
+    with pytest.raises(ConfigError, match="does not read data.eval_path='test.jsonl'"):
+        validate(load_config(None, ["--data.eval_path=test.jsonl"]), world_size=2)

@@ -393,7 +393,8 @@ def test_sampler_resume_continues_the_same_order():
     for _ in range(3):  # into epoch 1
         original.next_batch()
     state = original.state_dict()
-    assert state == {"epoch": 1, "index": 4, "seed": 3, "num_prompts": 10, "prompts_per_step": 4}
+    assert state == {"epoch": 1, "index": 4, "seed": 3, "num_prompts": 10, "prompts_per_step": 4,
+                     "shuffle": True}
     expected = [original.next_batch() for _ in range(5)]
     resumed = PromptSampler(10, 4, seed=3)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # survives a JSON round trip
@@ -429,6 +430,85 @@ def test_sampler_refuses_mismatched_state_and_bad_sizes():
         PromptSampler(3, 4)
     with pytest.raises(ValueError, match="rank must be in"):
         PromptSampler(10, 4, rank=2, world_size=2)
+
+
+def test_sampler_without_shuffle_visits_rows_in_file_order_every_epoch():
+    ranks = [PromptSampler(10, 4, seed=3, rank=r, world_size=2, shuffle=False) for r in (0, 1)]
+    steps = [[i for sampler in ranks for i in sampler.next_batch()] for _ in range(3)]
+    # 10 rows, 4 a step: rows 0-3, 4-7, then (8, 9 skipped) epoch 1 starts again at row 0.
+    assert steps == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="checkpoint has shuffle=False, this run has shuffle=True"):
+        PromptSampler(10, 4, seed=3).load_state_dict(ranks[0].state_dict())
+    old = {k: v for k, v in PromptSampler(10, 4).state_dict().items() if k != "shuffle"}
+    PromptSampler(10, 4).load_state_dict(old)  # checkpoints from before the option shuffled
+
+
+def test_data_shuffle_false_reaches_the_dataset_source(tmp_path):
+    from grpo_ds.config import load_config
+    from grpo_ds.data_source import DatasetSource
+
+    path = _jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "answer": str(i)} for i in range(8)])
+    cfg = load_config(None, [f"--data.train_path={path}", "--data.shuffle=false",
+                             "--train.prompts_per_step=4"])
+    source = DatasetSource.from_config(cfg, rank=0, world=1, tokenizer=_char_tokenizer())
+    answers = [[r["answer"] for r in source.step_rows(step)] for step in (1, 2, 3)]
+    assert answers == [["0", "1", "2", "3"], ["4", "5", "6", "7"], ["0", "1", "2", "3"]]
+    assert source.epoch() == 1.5
+
+
+CHAT = [{"role": "user", "content": "1+1?"}]
+
+
+def test_conversational_rows_load_and_format_with_the_chat_template(tmp_path):
+    path = _jsonl(tmp_path / "chat.jsonl", [{"prompt": CHAT, "answer": "2"},
+                                            {"prompt": [{"role": "system", "content": "S"}, *CHAT],
+                                             "answer": "2"}])
+    dataset = load_prompt_dataset(path)
+    texts = format_prompts(dataset, tokenizer=_char_tokenizer())
+    assert texts == ["<s>[user] 1+1?\n[assistant] ", "<s>[system] S\n[user] 1+1?\n[assistant] "]
+    prepared = prepare_prompts(dataset.select([0]), _char_tokenizer(), max_prompt_length=64,
+                               system_prompt="Be brief.")
+    assert prepared.texts == ["<s>[system] Be brief.\n[user] 1+1?\n[assistant] "]
+    assert prepared.messages == [[{"role": "system", "content": "Be brief."}, *CHAT]]
+    assert prepared.input_ids[0][:2] == [1, _char_tokenizer().convert_tokens_to_ids("[")]  # one <s>
+    with pytest.raises(DataError, match="row 2 already starts with a system message"):
+        format_prompts(dataset, tokenizer=_char_tokenizer(), system_prompt="Be brief.")
+    with pytest.raises(DataError, match="column 'prompt' holds chat messages, but tokenizer"):
+        format_prompts(dataset, tokenizer=_char_tokenizer(None))
+    with pytest.raises(DataError, match="data.template formats plain text"):
+        format_prompts(dataset, template="Q: {prompt}", tokenizer=_char_tokenizer())
+
+
+@pytest.mark.parametrize("prompt, problem", [
+    ([], "an empty list of chat messages"),
+    ([{"role": "user"}], "chat message 1 is {'role': 'user'"),
+    ([{"role": "user", "content": "a"}, {"content": "b"}], "chat message 2 is"),
+])
+def test_bad_conversational_prompt_names_file_line_and_message(tmp_path, prompt, problem):
+    path = _jsonl(tmp_path / "chat.jsonl", [{"prompt": CHAT}, {"prompt": prompt}])
+    with pytest.raises(DataError) as info:
+        load_prompt_dataset(path)
+    assert f"{path}: line 2 (row 2): column 'prompt': {problem}" in str(info.value)
+
+
+def test_dataset_rows_as_reward_functions_get_them(tmp_path):
+    from grpo_ds.config import load_config
+    from grpo_ds.data_source import prepared_rows
+
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"prompt": CHAT, "solution": "2"}])
+    cfg = load_config(None, [f"--data.train_path={chat}", "--data.system_prompt=Be brief."])
+    (row,), _ = prepared_rows(cfg, str(chat), _char_tokenizer())
+    assert row["prompt"] == [{"role": "system", "content": "Be brief."}, *CHAT]
+    assert row["solution"] == "2" and "answer" not in row  # no answer column: no alias
+    plain = _jsonl(tmp_path / "plain.jsonl", [{"question": "1+1?", "sol": "2", "answer": "x"}])
+    cfg = load_config(None, [f"--data.train_path={plain}", "--data.prompt_column=question",
+                             "--data.answer_column=sol"])
+    with pytest.raises(DataError, match="there is a column 'answer' too"):
+        prepared_rows(cfg, str(plain), _char_tokenizer())
+    clash = _jsonl(tmp_path / "clash.jsonl", [{"prompt": "q", "completions": "c"}])
+    with pytest.raises(DataError, match="column 'completions' has the name of an argument"):
+        prepared_rows(load_config(None, [f"--data.train_path={clash}"]), str(clash),
+                      _char_tokenizer())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,9 +562,10 @@ def test_gsm8k_recipe_fits_the_data_and_rewards():
     texts = format_prompts(dataset, template=data["template"])
     assert texts[0].startswith("Question: Natalia sold clips") and texts[0].endswith("\nAnswer:")
     functions = [load_reward_function(spec) for spec in recipe["rewards"]["functions"]]
-    assert len(functions) == len(recipe["rewards"]["weights"]) and functions == [math_answer]
+    assert len(functions) == len(recipe["rewards"]["weights"])
+    assert [f.__wrapped__ for f in functions] == [math_answer]
     answers = dataset[data["answer_column"]]
-    assert functions[0](texts, answers, answer=answers) == [1.0] * 64
+    assert functions[0](prompts=texts, completions=answers, answer=answers) == [1.0] * 64
     assert recipe["rollout"] == {"group_size": 8, "max_new_tokens": 256, "temperature": 1.0}
 
 

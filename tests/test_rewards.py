@@ -31,12 +31,13 @@ def test_format_reward_default_think_answer():
         "<think>a</think><answer>b</answer> trailing words",  # must match the WHOLE completion
         "<answer>b</answer><think>a</think>",  # wrong order
     ]
-    assert reward(["p"] * 5, completions, answer=["x"] * 5) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    assert reward(prompts=["p"] * 5, completions=completions, answer=["x"] * 5) == [
+        1.0, 1.0, 0.0, 0.0, 0.0]
 
 
 def test_format_reward_custom_pattern():
     reward = format_reward(r".*#### -?\d+")
-    assert reward(["p", "p"], ["so\n#### 72", "so 72"]) == [1.0, 0.0]
+    assert reward(prompts=["p", "p"], completions=["so\n#### 72", "so 72"]) == [1.0, 0.0]
     assert reward.pattern == r".*#### -?\d+"
 
 
@@ -49,14 +50,15 @@ def test_overlong_penalty_hand_worked():
     penalty = overlong_penalty(max_completion_tokens=10, cache_tokens=4)
     lengths = [0, 6, 7, 8, 10, 11, 50]
     completion_ids = [[5] * n for n in lengths]
-    rewards = penalty(["p"] * 7, ["c"] * 7, completion_ids=completion_ids, answer=["a"] * 7)
+    rewards = penalty(prompts=["p"] * 7, completions=["c"] * 7, completion_ids=completion_ids,
+                      answer=["a"] * 7)
     assert rewards == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0, -1.0]
 
 
 def test_overlong_penalty_needs_completion_ids_and_valid_sizes():
     penalty = overlong_penalty(10, 4)
     with pytest.raises(ValueError, match="completion_ids"):
-        penalty(["p"], ["c"])
+        penalty(prompts=["p"], completions=["c"])
     with pytest.raises(ValueError, match="cache_tokens=0"):
         overlong_penalty(10, 0)
     with pytest.raises(ValueError, match="cache_tokens=11"):
@@ -66,7 +68,8 @@ def test_overlong_penalty_needs_completion_ids_and_valid_sizes():
 def test_overlong_penalty_accepts_tensors_of_ids():
     penalty = overlong_penalty(4, 2)
     # free up to 2 tokens; L=3 -> (2 - 3) / 2 = -0.5
-    assert penalty(["p", "p"], ["c", "c"], completion_ids=[torch.ones(2), torch.ones(3)]) == [
+    ids = [torch.ones(2), torch.ones(3)]
+    assert penalty(prompts=["p", "p"], completions=["c", "c"], completion_ids=ids) == [
         0.0,
         -0.5,
     ]
@@ -77,16 +80,32 @@ def test_overlong_penalty_accepts_tensors_of_ids():
 
 
 def test_load_builtins():
-    assert load_reward_function("math_answer") is math_answer
+    builtin = load_reward_function("math_answer")
+    assert builtin.__wrapped__ is math_answer  # made to read conversational completions too
     assert load_reward_function(" format ") is BUILTIN_REWARDS["format"]
-    assert load_reward_function("format")(["p"], ["<think>a</think><answer>1</answer>"]) == [1.0]
+    text = "<think>a</think><answer>1</answer>"
+    assert load_reward_function("format")(prompts=["p"], completions=[text]) == [1.0]
+    # TRL's conversational form: each completion is a list with one assistant message.
+    chats = [[{"role": "assistant", "content": "so #### 2"}], [{"role": "assistant", "content": text}]]
+    assert builtin(prompts=["p", "p"], completions=chats, answer=["2", "2"]) == [1.0, 0.0]
+    assert load_reward_function("format")(prompts=["p", "p"], completions=chats) == [0.0, 1.0]
 
 
-def test_load_by_import_path():
+def test_load_by_import_path(tmp_path, monkeypatch):
     assert load_reward_function("grpo_ds.rewards.math_answer:math_answer") is math_answer
     # A dotted attribute path works too.
-    loaded = load_reward_function("grpo_ds.rewards:BUILTIN_REWARDS.get")
-    assert loaded is not None
+    _write(tmp_path / "grpo_ds_test_scorers.py", """
+        class Scorer:
+            @staticmethod
+            def length(completions, **kwargs):
+                return [float(len(c)) for c in completions]
+        """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loaded = load_reward_function("grpo_ds_test_scorers:Scorer.length")
+    assert loaded(prompts=["p"], completions=["abc"]) == [3.0]
+    # dict.get takes its key positionally: it cannot be called by keyword, so it is refused.
+    with pytest.raises(RewardSpecError, match="parameter 'key' is positional-only"):
+        load_reward_function("grpo_ds.rewards:BUILTIN_REWARDS.get")
 
 
 def _write(path, source):
@@ -108,8 +127,9 @@ def test_load_by_file_path(tmp_path):
         """,
     )
     length_reward = load_reward_function(f"{file}:length_reward")
-    assert length_reward(["p", "p"], ["ab", "abcd"]) == [2.0, 4.0]
-    assert load_reward_function(f"{file}:strict")(["p", "p"], ["12", "a1"]) == [1.0, 0.0]
+    assert length_reward(prompts=["p", "p"], completions=["ab", "abcd"]) == [2.0, 4.0]
+    strict = load_reward_function(f"{file}:strict")
+    assert strict(prompts=["p", "p"], completions=["12", "a1"]) == [1.0, 0.0]
     # The same file loads once: the same function object comes back.
     assert load_reward_function(f"{file}:length_reward") is length_reward
 
@@ -120,7 +140,7 @@ def test_load_by_relative_file_path(tmp_path, monkeypatch):
         "def r(prompts, completions, **kw):\n    return [1.0] * len(completions)\n",
     )
     monkeypatch.chdir(tmp_path)
-    assert load_reward_function("./rel.py:r")(["p"], ["c"]) == [1.0]
+    assert load_reward_function("./rel.py:r")(prompts=["p"], completions=["c"]) == [1.0]
 
 
 @pytest.mark.parametrize(
@@ -162,8 +182,12 @@ def test_file_errors(tmp_path):
     with pytest.raises(RewardSpecError, match="No module named 'grpo_ds_not_installed_dep'"):
         load_reward_function(f"{needs_dep}:fn")
     no_args = _write(tmp_path / "no_args.py", "def fn():\n    return []\n")
-    with pytest.raises(RewardSpecError, match=r"cannot be called as fn\(prompts, completions"):
+    with pytest.raises(RewardSpecError, match=r"cannot be called by keyword as TRL calls"):
         load_reward_function(f"{no_args}:fn")
+    positional = _write(tmp_path / "positional.py",
+                        "def fn(prompts, completions, /, **kwargs):\n    return []\n")
+    with pytest.raises(RewardSpecError, match="'prompts', 'completions' is positional-only"):
+        load_reward_function(f"{positional}:fn")
 
 
 def test_import_error_inside_an_existing_module(tmp_path, monkeypatch):
@@ -177,15 +201,16 @@ def test_import_error_inside_an_existing_module(tmp_path, monkeypatch):
 
 def test_check_reward_columns():
     check_reward_columns(math_answer, "math_answer", ["answer", "question", "completion_ids"])
-    with pytest.raises(
-        RewardSpecError, match=r"reward 'math_answer' .*missing a required argument: 'answer'"
-    ):
-        check_reward_columns(math_answer, "math_answer", ["question"])
+    with pytest.raises(RewardSpecError) as info:
+        check_reward_columns(math_answer, "math_answer", ["question", "solution"], "train.jsonl")
+    assert ("reward 'math_answer' ('math_answer') needs column 'answer', which train.jsonl does "
+            "not have; the columns there are: question, solution") in str(info.value)
 
-    def no_kwargs(prompts, completions, answer):
+    def no_kwargs(prompts, completions, completion_ids, trainer_state, answer):
         return [0.0] * len(completions)
 
-    with pytest.raises(RewardSpecError, match="unexpected keyword argument 'question'"):
+    check_reward_columns(no_kwargs, "strict", ["answer"])
+    with pytest.raises(RewardSpecError, match="does not accept the keyword 'question'; add"):
         check_reward_columns(no_kwargs, "strict", ["answer", "question"])
 
 
@@ -226,7 +251,7 @@ def test_compute_rewards_hand_worked():
 
 def test_all_none_leaves_mean_and_std_out():
     rewards, stats = compute_rewards(
-        [lambda prompts, completions, **kw: [None] * len(completions)],
+        [lambda completions, **kw: [None] * len(completions)],
         ["na"],
         PROMPTS,
         COMPLETIONS,
@@ -238,7 +263,7 @@ def test_all_none_leaves_mean_and_std_out():
 
 def test_tensor_and_tuple_results_are_accepted():
     rewards, _ = compute_rewards(
-        [lambda p, c, **kw: torch.tensor([1.0, 2.0, 3.0, 4.0]), lambda p, c, **kw: (0, 0, 0, 1)],
+        [lambda completions, **kw: torch.tensor([1.0, 2.0, 3.0, 4.0]), lambda completions, **kw: (0, 0, 0, 1)],
         ["tensor", "tuple"],
         PROMPTS,
         COMPLETIONS,
@@ -249,7 +274,7 @@ def test_tensor_and_tuple_results_are_accepted():
 
 def test_wrong_length_names_function_and_lengths():
     with pytest.raises(RewardError, match="reward function 'short' returned 3 values, expected 4"):
-        compute_rewards([lambda p, c, **kw: [1.0] * 3], ["short"], PROMPTS, COMPLETIONS, COLUMNS)
+        compute_rewards([lambda completions, **kw: [1.0] * 3], ["short"], PROMPTS, COMPLETIONS, COLUMNS)
 
 
 @pytest.mark.parametrize("bad", ["1.0", float("nan"), float("inf"), [1.0], 1 + 2j])
@@ -265,7 +290,7 @@ def test_non_number_names_function_sample_and_value(bad):
 
 def test_non_list_result():
     with pytest.raises(RewardError, match="'scalar' returned float, expected a list of 4 floats"):
-        compute_rewards([lambda p, c, **kw: 1.0], ["scalar"], PROMPTS, COMPLETIONS, COLUMNS)
+        compute_rewards([lambda completions, **kw: 1.0], ["scalar"], PROMPTS, COMPLETIONS, COLUMNS)
 
 
 def _fails_on_three(prompts, completions, **kwargs):

@@ -55,3 +55,16 @@ def test_kl_in_reward_lowers_the_reward_of_the_sample_that_drifted():
     score_advantages(cfg, b, torch.tensor([1.0, 1.0]))
     # Rewards become [0, 1]: the drifted sample gets the negative advantage.
     assert b.advantages.tolist() == pytest.approx([-0.7070, 0.7070], abs=1e-3)
+
+
+def test_summary_is_strict_json_with_null_where_there_is_no_value():
+    import json
+
+    from grpo_ds.train import strict_json
+
+    summary = {"accuracy_before": float("nan"), "accuracy_after": 0.5, "steps": 2,
+               "eval_curve": [{"step": 0, "accuracy": float("nan")}], "warmup_curve": None}
+    text = json.dumps(strict_json(summary), allow_nan=False)
+    assert json.loads(text) == {"accuracy_before": None, "accuracy_after": 0.5, "steps": 2,
+                                "eval_curve": [{"step": 0, "accuracy": None}],
+                                "warmup_curve": None}

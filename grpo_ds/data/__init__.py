@@ -2,7 +2,8 @@
 per-rank prompt sampler, and pass@k for evaluation.
 
 - loading.py: `load_prompt_dataset`, `DataError`, `check_columns`.
-- prompts.py: `format_prompts`, `tokenize_prompts`, `prepare_prompts` (format + tokenize).
+- prompts.py: `format_prompts`, `tokenize_prompts`, `prepare_prompts` (format + tokenize);
+  `is_conversational`, `conversation_messages` (TRL's conversational format).
 - sampler.py: `PromptSampler` (seeded per-epoch shuffle, rank sharding, resumable position).
 - evaluation.py: `pass_at_k`.
 """
@@ -13,7 +14,9 @@ from grpo_ds.data.prompts import (
     OVERFLOW_CHOICES,
     PreparedPrompts,
     TokenizedPrompts,
+    conversation_messages,
     format_prompts,
+    is_conversational,
     prepare_prompts,
     template_columns,
     tokenize_prompts,
@@ -28,7 +31,9 @@ __all__ = [
     "PromptSampler",
     "TokenizedPrompts",
     "check_columns",
+    "conversation_messages",
     "format_prompts",
+    "is_conversational",
     "load_prompt_dataset",
     "pass_at_k",
     "prepare_prompts",

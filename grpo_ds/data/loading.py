@@ -13,8 +13,9 @@ Checks, all before the first step, all raising DataError (a ValueError):
   7473 rows): a malformed line is reported with file, 1-based line number and a snippet.
 - `columns={"prompt": "question"}` renames column "question" to "prompt" (new name: old name).
 - a missing column is named, with the columns that exist.
-- an empty, whitespace-only or null prompt, or one that is not a string, is reported with file
-  and row (and line, for JSON Lines).
+- a prompt is a non-empty string (standard format) or a non-empty list of chat messages
+  `{"role": ..., "content": ...}` (TRL's conversational format); an empty, whitespace-only or null
+  prompt, or anything else, is reported with file and row (and line, for JSON Lines).
 """
 
 from __future__ import annotations
@@ -269,9 +270,26 @@ def _check_prompts(dataset: datasets.Dataset, prompt_column: str, locate: _RowLo
                 raise DataError(
                     f"{locate(row)}: empty prompt in column {prompt_column!r}: {prompt!r}"
                 )
-            if not isinstance(prompt, str):
+            if isinstance(prompt, list):
+                problem = message_list_problem(prompt)
+                if problem:
+                    raise DataError(f"{locate(row)}: column {prompt_column!r}: {problem}")
+            elif not isinstance(prompt, str):
                 raise DataError(
                     f"{locate(row)}: column {prompt_column!r} holds a {type(prompt).__name__} "
-                    f"({str(prompt)[:_SNIPPET_CHARS]}), expected a string"
+                    f"({str(prompt)[:_SNIPPET_CHARS]}), expected a string or a list of chat "
+                    "messages"
                 )
             row += 1
+
+
+def message_list_problem(messages: list) -> str | None:
+    """What is wrong with a conversational prompt, or None: [{"role": str, "content": str}, ...]."""
+    if not messages:
+        return "an empty list of chat messages"
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                or not isinstance(message.get("content"), str):
+            return (f"chat message {number} is {str(message)[:_SNIPPET_CHARS]}; expected "
+                    '{"role": "<string>", "content": "<string>"}')
+    return None

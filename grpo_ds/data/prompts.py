@@ -1,11 +1,16 @@
 """Turn dataset rows into prompt text and prompt token ids, within a maximum prompt length.
 
 Formatting (`format_prompts`), in this order:
-1. the user text is `template.format(**row)` when a template is given (any column may be used,
-   e.g. "Question: {question}\\nAnswer:"; write literal braces as {{ }}), else the prompt column;
-2. with `use_chat_template=True` it becomes one user message (after an optional system message)
-   rendered by `tokenizer.apply_chat_template(..., add_generation_prompt=True, tokenize=False)`;
-   without it, a system prompt is put before the text, separated by a blank line.
+1. a conversational row (its prompt column holds chat messages, `[{"role", "content"}, ...]`, as
+   in TRL's conversational format) is rendered by the tokenizer's chat template
+   (`apply_chat_template(..., add_generation_prompt=True, tokenize=False)`), with the system
+   prompt, if any, prepended as a system message (`conversation_messages`);
+2. otherwise the user text is `template.format(**row)` when a template is given (any column may
+   be used, e.g. "Question: {question}\\nAnswer:"; write literal braces as {{ }}), else the
+   prompt column;
+3. with `use_chat_template=True` it becomes one user message (after an optional system message)
+   rendered by the chat template; without it, a system prompt is put before the text, separated
+   by a blank line.
 
 Tokenisation (`tokenize_prompts`): a prompt longer than `max_prompt_length` tokens is either
 truncated FROM THE LEFT (the end is kept: the question's last words and the chat template's
@@ -58,28 +63,64 @@ def format_prompts(
         column_names = list(rows[0]) if len(rows) else []
     needed = template_columns(template) if template is not None else [prompt_column]
     check_columns(column_names, needed, "prompt formatting")
-    if use_chat_template:
-        if tokenizer is None:
-            raise ValueError("use_chat_template=True needs a tokenizer")
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
-                "pass a template string instead, or set tokenizer.chat_template"
-            )
+    conversational = is_conversational(rows, prompt_column)
+    if conversational and template is not None:
+        raise DataError(
+            f"data.template formats plain text, but column {prompt_column!r} holds chat "
+            "messages: leave data.template unset, and the chat template formats them"
+        )
+    if use_chat_template or conversational:
+        _check_chat_template(tokenizer, prompt_column if conversational else None)
     texts = []
     for index, row in enumerate(rows):  # a Dataset yields one dict per row, like a list
+        if conversational:
+            messages = conversation_messages(row[prompt_column], system_prompt, index)
+            texts.append(_apply_chat_template(tokenizer, messages, index))
+            continue
         text = template.format(**row) if template is not None else row[prompt_column]
         if use_chat_template:
-            text = _apply_chat_template(tokenizer, text, system_prompt, index)
+            messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            text = _apply_chat_template(tokenizer, [*messages, {"role": "user", "content": text}],
+                                        index)
         elif system_prompt:
             text = f"{system_prompt}\n\n{text}"
         texts.append(text)
     return texts
 
 
-def _apply_chat_template(tokenizer, text: str, system_prompt: str | None, index: int) -> str:
-    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    messages.append({"role": "user", "content": text})
+def is_conversational(rows: datasets.Dataset | Sequence[Mapping], prompt_column: str) -> bool:
+    """Whether the prompts are chat messages (TRL's conversational format), from the first row."""
+    return len(rows) > 0 and prompt_column in rows[0] and isinstance(rows[0][prompt_column], list)
+
+
+def conversation_messages(messages: list[dict], system_prompt: str | None, index: int) -> list:
+    """A row's chat messages as the model sees them: the system prompt first, when one is set."""
+    # Keys other rows' messages have are null here (one Arrow type per column): leave them out.
+    messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+    if not system_prompt:
+        return messages
+    if messages and messages[0]["role"] == "system":
+        raise DataError(
+            f"row {index + 1} already starts with a system message and data.system_prompt is "
+            "set: drop one of them"
+        )
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def _check_chat_template(tokenizer, conversational_column: str | None) -> None:
+    why = (f"column {conversational_column!r} holds chat messages" if conversational_column
+           else "data.use_chat_template is true")
+    if tokenizer is None:
+        raise ValueError(f"{why}: formatting needs a tokenizer")
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{why}, but tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat "
+            "template; use plain-text prompts with data.template instead, or give the tokenizer "
+            "a chat_template"
+        )
+
+
+def _apply_chat_template(tokenizer, messages: list[dict], index: int) -> str:
     try:
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception as error:  # e.g. templates that reject a system message
@@ -144,6 +185,7 @@ class PreparedPrompts:
     input_ids: list[list[int]]  # token ids per kept row, at most max_prompt_length
     num_truncated: int
     num_dropped: int
+    messages: list[list[dict]] | None = None  # conversational rows: chat messages per kept row
 
 
 def prepare_prompts(
@@ -166,12 +208,13 @@ def prepare_prompts(
         system_prompt=system_prompt,
         prompt_column=prompt_column,
     )
+    conversational = template is None and is_conversational(dataset, prompt_column)
     tokenized = tokenize_prompts(
         texts,
         tokenizer,
         max_prompt_length=max_prompt_length,
         overflow=overflow,
-        add_special_tokens=not use_chat_template,
+        add_special_tokens=not (use_chat_template or conversational),
     )
     if not tokenized.kept_indices:
         raise DataError(
@@ -179,10 +222,15 @@ def prepare_prompts(
             "tokens and overflow='drop' dropped them"
         )
     kept = tokenized.kept_indices
+    messages = None
+    if conversational:
+        prompts = dataset[prompt_column]
+        messages = [conversation_messages(prompts[i], system_prompt, i) for i in kept]
     return PreparedPrompts(
         rows=dataset.select(kept) if len(kept) < len(dataset) else dataset,
         texts=[texts[i] for i in kept],
         input_ids=tokenized.input_ids,
         num_truncated=tokenized.num_truncated,
         num_dropped=tokenized.num_dropped,
+        messages=messages,
     )

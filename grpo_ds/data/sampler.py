@@ -6,11 +6,13 @@ runs are reproducible and every epoch has a new order. The order is cut into glo
 `prompts_per_step / w` prompts: slices are disjoint and together are exactly the global batch.
 The last `num_prompts % prompts_per_step` prompts of each epoch's order are skipped, so every
 step has a full batch (the order is reshuffled, so a different few are skipped each epoch).
+With `shuffle=False` every epoch visits the prompts in file order (the same last few skipped).
 
 `state_dict()` is the position (epoch, index), where index counts the prompts of this epoch
 already handed out over all ranks. It does not depend on the rank, so every rank saves the same
 state, and a run may resume on a different number of ranks. `load_state_dict` refuses a state
-from another dataset size, batch size or seed: that would silently change the data order.
+from another dataset size, batch size, seed or shuffle setting: that would silently change the
+data order.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class PromptSampler:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        shuffle: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
@@ -47,6 +50,7 @@ class PromptSampler:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.shuffle = shuffle
         self.epoch = 0
         self.index = 0  # prompts of this epoch already handed out, over all ranks
         self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
@@ -56,9 +60,10 @@ class PromptSampler:
         return self.num_prompts // self.prompts_per_step
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of all prompt indices used in `epoch` (seed + epoch)."""
+        """The permutation of all prompt indices used in `epoch` (seed + epoch), or file order."""
         if epoch != self._order_epoch:
-            self._order = np.random.default_rng(self.seed + epoch).permutation(self.num_prompts)
+            self._order = (np.random.default_rng(self.seed + epoch).permutation(self.num_prompts)
+                           if self.shuffle else np.arange(self.num_prompts))
             self._order_epoch = epoch
         return self._order
 
@@ -82,10 +87,12 @@ class PromptSampler:
             "seed": self.seed,
             "num_prompts": self.num_prompts,
             "prompts_per_step": self.prompts_per_step,
+            "shuffle": self.shuffle,
         }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("seed", "num_prompts", "prompts_per_step"):
+        state = {"shuffle": True, **state}  # checkpoints from before the option always shuffled
+        for key in ("seed", "num_prompts", "prompts_per_step", "shuffle"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"cannot resume the prompt order: the checkpoint has {key}={state[key]}, "

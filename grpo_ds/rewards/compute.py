@@ -3,11 +3,14 @@
     rewards_per_func [N, F] float32, N = B*G completions, F = reward functions;
     NaN where a function returned None ("not applicable to this sample").
 
-Each function is called once on the whole batch as `fn(prompts, completions, **columns)`, the
-TRL calling convention: `columns` maps a dataset column (or a trainer field such as
-`completion_ids`) to a list aligned with `completions`. Whatever it returns is validated: one
-entry per completion, each a real number, a bool (True -> 1.0) or None. NaN and inf are refused
-because NaN already means None here.
+Each function is called once on the whole batch BY KEYWORD, as TRL's GRPOTrainer calls it:
+`fn(prompts=..., completions=..., completion_ids=..., <every dataset column>=..., trainer_state=...)`.
+`columns` maps a dataset column (or `completion_ids`) to a list aligned with `completions`;
+`shared` holds arguments that are the same for the whole batch (`trainer_state`). An `async def`
+function (or one that returns an awaitable) is awaited; several are awaited together, as TRL
+does, so their latency overlaps. Whatever a function returns is validated: one entry per
+completion, each a real number, a bool (True -> 1.0) or None. NaN and inf are refused because
+NaN already means None here.
 
 When a function raises on the batch, it is called again one sample at a time to find the sample
 that fails (so side effects in a reward function can run twice). With on_error="raise" the error
@@ -19,6 +22,8 @@ Weighting, summing and group normalisation happen in grpo_ds/advantages.py, not 
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import math
 import numbers
@@ -29,6 +34,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SHOWN_CHARS = 200
+# Keyword arguments the trainer itself passes; a dataset column of one of these names would clash.
+RESERVED_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state")
 
 
 class RewardError(RuntimeError):
@@ -38,22 +45,29 @@ class RewardError(RuntimeError):
 def compute_rewards(
     funcs: Sequence[Callable],
     names: Sequence[str],
-    prompts: Sequence[str],
-    completions: Sequence[str],
+    prompts: Sequence,
+    completions: Sequence,
     columns: dict[str, Sequence],
     *,
     on_error: str = "raise",
+    shared: dict | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """rewards_per_func [N, F] (NaN for None) and stats: rewards/{name}/{mean,std,errors}.
 
     mean and std (population, over the non-None rewards) are left out when every entry is None.
     """
-    _check_inputs(funcs, names, prompts, completions, columns, on_error)
+    shared = shared or {}
+    _check_inputs(funcs, names, prompts, completions, columns, on_error, shared)
     num_completions = len(completions)
     rewards_per_func = torch.full((num_completions, len(funcs)), math.nan, dtype=torch.float32)
     stats: dict[str, float] = {}
-    for j, (function, name) in enumerate(zip(funcs, names)):
-        values, num_errors = _call_reward(function, name, prompts, completions, columns, on_error)
+    outcomes = _call_all(funcs, _batch_kwargs(prompts, completions, columns, shared))
+    for j, (function, name, outcome) in enumerate(zip(funcs, names, outcomes)):
+        if isinstance(outcome, _Raised):
+            values, num_errors = _call_per_sample(function, name, prompts, completions, columns,
+                                                  shared, on_error, outcome.error)
+        else:
+            values, num_errors = _validated(outcome, name, num_completions, first_index=0), 0
         rewards_per_func[:, j] = torch.tensor(
             [math.nan if v is None else v for v in values], dtype=torch.float32
         )
@@ -68,7 +82,28 @@ def compute_rewards(
     return rewards_per_func, stats
 
 
-def _check_inputs(funcs, names, prompts, completions, columns, on_error) -> None:
+def call_reward(function: Callable, **kwargs):
+    """`function(**kwargs)`, awaited when it is async: for calls outside `compute_rewards`."""
+    result = function(**kwargs)
+    return asyncio.run(_awaited(result)) if inspect.isawaitable(result) else result
+
+
+def trainer_state(global_step: int, max_steps: int, *, epoch: float | None = None,
+                  train_batch_size: int | None = None, is_world_process_zero: bool = True):
+    """A `transformers.TrainerState`, the object TRL passes as `trainer_state`.
+
+    global_step counts the GRPO steps already completed (0 while the first step is scored, as in
+    TRL), so a curriculum reward can read `trainer_state.global_step / trainer_state.max_steps`.
+    """
+    from transformers import TrainerState  # only where rewards are scored: a slow import
+
+    return TrainerState(global_step=global_step, max_steps=max_steps, epoch=epoch,
+                        train_batch_size=train_batch_size,
+                        is_local_process_zero=is_world_process_zero,
+                        is_world_process_zero=is_world_process_zero)
+
+
+def _check_inputs(funcs, names, prompts, completions, columns, on_error, shared) -> None:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if len(funcs) != len(names):
@@ -78,7 +113,7 @@ def _check_inputs(funcs, names, prompts, completions, columns, on_error) -> None
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
     for column, values in columns.items():
-        if column in ("prompts", "completions"):
+        if column in ("prompts", "completions") or column in shared:
             raise ValueError(
                 f"column {column!r} clashes with the reward function argument of that name"
             )
@@ -89,24 +124,58 @@ def _check_inputs(funcs, names, prompts, completions, columns, on_error) -> None
             )
 
 
-def _call_reward(function, name, prompts, completions, columns, on_error):
-    """(one float or None per completion, number of samples whose call raised)."""
-    try:
-        raw = function(list(prompts), list(completions), **{k: list(v) for k, v in columns.items()})
-    except Exception as batch_error:  # noqa: BLE001 (any failure: locate the sample)
-        return _call_per_sample(
-            function, name, prompts, completions, columns, on_error, batch_error
-        )
-    return _validated(raw, name, len(completions), first_index=0), 0
+class _Raised:
+    """What a call raised, kept so the failing sample can be looked for afterwards."""
+
+    def __init__(self, error: Exception):
+        self.error = error
 
 
-def _call_per_sample(function, name, prompts, completions, columns, on_error, batch_error):
+def _batch_kwargs(prompts, completions, columns, shared) -> dict:
+    return {"prompts": list(prompts), "completions": list(completions),
+            **{k: list(v) for k, v in columns.items()}, **shared}
+
+
+def _call_all(funcs, kwargs: dict) -> list:
+    """Each function's result on the batch, or _Raised; async ones are awaited together."""
+    outcomes, pending = [], {}
+    for j, function in enumerate(funcs):
+        try:
+            # Fresh lists per function: one that edits its arguments cannot change the next's.
+            result = function(**{k: list(v) if isinstance(v, list) else v
+                                 for k, v in kwargs.items()})
+        except Exception as error:  # noqa: BLE001 (any failure: locate the sample later)
+            result = _Raised(error)
+        if inspect.isawaitable(result):
+            pending[j] = result
+        outcomes.append(result)
+    if pending:
+        for j, result in zip(pending, asyncio.run(_gathered(list(pending.values())))):
+            outcomes[j] = result
+    return outcomes
+
+
+async def _awaited(awaitable):
+    return await awaitable
+
+
+async def _gathered(awaitables: list) -> list:
+    results = await asyncio.gather(*awaitables, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, Exception):
+            raise result  # KeyboardInterrupt, SystemExit: not a reward failure
+    return [_Raised(r) if isinstance(r, Exception) else r for r in results]
+
+
+def _call_per_sample(function, name, prompts, completions, columns, shared, on_error,
+                     batch_error):
     """Find the samples a function fails on by calling it on each one alone."""
     values: list[float | None] = []
     num_errors = 0
     for i, (prompt, completion) in enumerate(zip(prompts, completions)):
         try:
-            raw = function([prompt], [completion], **{k: [v[i]] for k, v in columns.items()})
+            raw = call_reward(function, prompts=[prompt], completions=[completion],
+                              **{k: [v[i]] for k, v in columns.items()}, **shared)
         except Exception as error:
             if on_error == "raise":
                 raise RewardError(

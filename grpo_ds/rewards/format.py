@@ -1,7 +1,8 @@
 """Shape rewards: does a completion follow a required layout, and is it too long.
 
 - `format_reward(pattern)` builds a reward that is 1.0 when the whole completion matches `pattern`
-  (Python regex, `re.fullmatch` with DOTALL so `.` spans lines), else 0.0. The default asks for
+  (Python regex, `re.fullmatch` with DOTALL so `.` spans lines), else 0.0. A conversational
+  completion (a list with one assistant message) is matched on that message's content. The default asks for
   `<think>...</think>` followed by `<answer>...</answer>`, as in DeepSeek-R1 style training.
 - `overlong_penalty(max_completion_tokens, cache_tokens)` builds DAPO's soft overlong punishment
   (Yu et al. 2025, "DAPO", eq. 13). With L = completion length in tokens, L_max =
@@ -20,6 +21,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
+from grpo_ds.rewards.conversation import completion_text
+
 THINK_ANSWER_PATTERN = r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*"
 
 
@@ -27,8 +30,8 @@ def format_reward(pattern: str | re.Pattern = THINK_ANSWER_PATTERN) -> Callable[
     """A reward function scoring 1.0 when the completion fully matches `pattern`, else 0.0."""
     regex = re.compile(pattern, re.DOTALL) if isinstance(pattern, str) else pattern
 
-    def matches_format(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-        return [1.0 if regex.fullmatch(completion) else 0.0 for completion in completions]
+    def matches_format(completions: list, **kwargs) -> list[float]:
+        return [1.0 if regex.fullmatch(completion_text(c)) else 0.0 for c in completions]
 
     matches_format.pattern = regex.pattern  # shown in logs and errors
     return matches_format
@@ -43,12 +46,7 @@ def overlong_penalty(max_completion_tokens: int, cache_tokens: int) -> Callable[
         )
     free_tokens = max_completion_tokens - cache_tokens
 
-    def overlong(
-        prompts: list[str],
-        completions: list[str],
-        completion_ids: Sequence[Sequence[int]] | None = None,
-        **kwargs,
-    ) -> list[float]:
+    def overlong(completion_ids: Sequence[Sequence[int]] | None = None, **kwargs) -> list[float]:
         if completion_ids is None:
             raise ValueError(
                 "overlong_penalty needs the completion_ids keyword (token ids per completion); "

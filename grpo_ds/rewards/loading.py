@@ -8,8 +8,14 @@ A spec is one of:
   current directory; the file's own directory is NOT added to sys.path).
 
 `function` may be dotted (`module:Class.method`) and may name any callable, for example one a
-factory built at import time (`strict = format_reward(r"...")` in the user's file). The callable
-must accept `(prompts, completions, **columns)`; this is checked when it is loaded, before training.
+factory built at import time (`strict = format_reward(r"...")` in the user's file).
+
+The trainer calls it as TRL does, by keyword: `prompts`, `completions`, `completion_ids`,
+`trainer_state` and every dataset column. So its parameters must be nameable by keyword, and it
+must name every keyword it is passed or take `**kwargs`; this is checked when it is loaded.
+`check_reward_columns` then checks, before launch, that every parameter it requires is a column
+the dataset has, so `accuracy(completions, solution, **kwargs)` on a dataset without `solution`
+fails naming `solution` and the columns there are, instead of being bound to something else.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import ModuleType
 
+from grpo_ds.rewards.conversation import reads_text
 from grpo_ds.rewards.format import format_reward
 from grpo_ds.rewards.math_answer import math_answer
 
+# Built-ins take standard (string) and conversational (message list) completions alike.
 BUILTIN_REWARDS: dict[str, Callable] = {
-    "math_answer": math_answer,
+    "math_answer": reads_text(math_answer),
     "format": format_reward(),
 }
 
@@ -124,38 +132,75 @@ def _resolve_attribute(spec: str, module: ModuleType, attribute: str) -> Callabl
 
 
 def _check_signature(spec: str, function: Callable) -> None:
-    """Fail at load time, not at step 1, when `function(prompts, completions, ...)` cannot bind."""
+    """Fail at load time, not at step 1, when the function cannot take TRL's keyword call."""
     signature = _signature(function)
     if signature is None:
         return
-    try:
-        signature.bind_partial(["prompt"], ["completion"])
-    except TypeError as error:
+    _, unexpected, positional_only = _binding_problems(signature, TRAINER_KEYWORDS)
+    if positional_only or unexpected:
         raise RewardSpecError(
-            f"reward spec {spec!r}: {_name(function)} cannot be called as "
-            f"fn(prompts, completions, **columns): {error}"
-        ) from error
+            f"reward spec {spec!r}: {_name(function)} cannot be called by keyword as TRL calls "
+            f"reward functions, fn(prompts=..., completions=..., completion_ids=..., "
+            f"trainer_state=..., **columns): "
+            + _problem_text(unexpected, positional_only)
+        )
 
 
-def check_reward_columns(function: Callable, name: str, columns: Iterable[str]) -> None:
-    """Check before training that `function` accepts exactly what the trainer will pass.
+def check_reward_columns(function: Callable, name: str, columns: Iterable[str],
+                         where: str = "the dataset") -> None:
+    """Check before training that `function` takes exactly what the trainer will pass.
 
-    `columns` are the keyword arguments every call gets (the dataset's columns plus what the
-    trainer adds, such as `completion_ids`). A required parameter that is not among them, or a
-    column the function does not accept (no `**kwargs`), is a RewardSpecError naming both.
+    `columns` are the dataset columns every call gets as keywords (the trainer adds `prompts`,
+    `completions`, `completion_ids` and `trainer_state`). A required parameter that is none of
+    them is a RewardSpecError naming it and the columns `where` has; so is a keyword the function
+    does not accept (no `**kwargs`).
     """
     signature = _signature(function)
     if signature is None:
         return
-    columns = sorted(columns)
-    try:
-        signature.bind(["prompt"], ["completion"], **{column: [] for column in columns})
-    except TypeError as error:
+    columns = sorted(set(columns) - set(TRAINER_KEYWORDS))
+    missing, unexpected, positional_only = _binding_problems(
+        signature, (*TRAINER_KEYWORDS, *columns))
+    if missing:
+        hint = (" (data.answer_column names the column that reaches rewards as `answer`)"
+                if "answer" in missing else "")
         raise RewardSpecError(
-            f"reward {name!r} ({_name(function)}) cannot be called with the columns the trainer "
-            f"passes ({', '.join(columns) or 'none'}): {error}. A reward function takes "
-            "(prompts, completions, **kwargs) and names the columns it needs as parameters."
-        ) from error
+            f"reward {name!r} ({_name(function)}) needs column "
+            f"{', '.join(repr(m) for m in missing)}, which {where} does not have; the columns "
+            f"there are: {', '.join(columns) or 'none'}{hint}"
+        )
+    if positional_only or unexpected:
+        raise RewardSpecError(
+            f"reward {name!r} ({_name(function)}) cannot be called with what the trainer passes "
+            f"(prompts, completions, completion_ids, trainer_state and the columns of {where}: "
+            f"{', '.join(columns) or 'none'}): " + _problem_text(unexpected, positional_only)
+        )
+
+
+TRAINER_KEYWORDS = ("prompts", "completions", "completion_ids", "trainer_state")
+
+
+def _binding_problems(signature: inspect.Signature, keywords: Iterable[str]):
+    """(required parameters not passed, passed keywords not accepted, positional-only required)."""
+    keywords = list(keywords)
+    params = signature.parameters.values()
+    by_keyword = {p.name for p in params
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in params)
+    missing = [p.name for p in params if p.name in by_keyword and p.default is p.empty
+               and p.name not in keywords]
+    unexpected = [] if takes_any else [k for k in keywords if k not in by_keyword]
+    positional_only = [p.name for p in params
+                       if p.kind == p.POSITIONAL_ONLY and p.default is p.empty]
+    return missing, unexpected, positional_only
+
+
+def _problem_text(unexpected: list[str], positional_only: list[str]) -> str:
+    if positional_only:
+        return (f"parameter {', '.join(repr(p) for p in positional_only)} is positional-only; "
+                "name the parameters prompts, completions, ... (or take **kwargs)")
+    return (f"it does not accept the keyword {', '.join(repr(k) for k in unexpected)}; add "
+            "**kwargs to its parameters (every dataset column is passed, as in TRL)")
 
 
 def _signature(function: Callable) -> inspect.Signature | None:

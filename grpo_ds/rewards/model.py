@@ -2,8 +2,9 @@
 
 Named in the config as `model:/path/to/classifier`. It is placed like the reference model (its own
 ZeRO-3 engine, parameters offloaded to CPU by default, or sharded on the device) and follows the
-reward contract `fn(prompts, completions, **columns) -> list[float]`: the score is the
-classifier's single logit on prompt + completion.
+reward contract `fn(prompts=, completions=, **columns) -> list[float]`: the score is the
+classifier's single logit on prompt + completion (for conversational rows, the prompt and
+completion messages rendered by the classifier's chat template, as TRL does).
 
 Its forward gathers parameters collectively under ZeRO-3, so every rank must run the same number
 of micro-batches: the local count is padded to the maximum over ranks with a throw-away batch.
@@ -62,7 +63,10 @@ class RewardModel:
 
     @torch.no_grad()
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
-        texts = [p + c for p, c in zip(prompts, completions)]
+        # Conversational rows (as TRL does): prompt and completion messages through the reward
+        # model's own chat template.
+        texts = [self.tokenizer.apply_chat_template(p + c, tokenize=False)
+                 if isinstance(p, list) else p + c for p, c in zip(prompts, completions)]
         size = self.micro_batch_size
         local = -(-len(texts) // size)
         rounds = torch.tensor([local], device=self.engine.device)
