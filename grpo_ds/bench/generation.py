@@ -1,11 +1,15 @@
 """Benchmark: generation throughput of HybridRollout vs the usual ways to sample under ZeRO-3.
 
     python -m grpo_ds.bench.generation [--json] [--quick] [--dtype float32|bfloat16]
+                                       [--ranks N] [--methods a,b,c,...]
 
-starts `deepspeed --num_gpus 2 --module grpo_ds.bench.generation --worker ...` (2 ranks) and
-prints a table (or, with --json, one JSON object on one line).
+starts `deepspeed --num_gpus N --module grpo_ds.bench.generation --worker ...` (N = --ranks,
+default 2) and prints a table (or, with --json, one JSON object on one line). --methods runs only
+the named methods below (default: all; "ceiling" names f, k and f+k together); the GPU check
+leaves out d, whose CUDA kernels would first compile for minutes, and the ceiling, which times
+CPU matmul kernels.
 
-Workload (full): 16 prompts x G = 8 (8 prompts per rank), prompts of 128 random tokens, up to
+Workload (full): 8 prompts per rank x G = 8, prompts of 128 random tokens, up to
 128 new tokens, a Llama-style model of 24.1M parameters built from a config (vocab 8192, hidden
 512, 6 layers, MLP 1024, 8 heads; random init, seed 0), float32 (--dtype bfloat16: every method
 in bf16, ZeRO-3's bf16 mode), ZeRO-3 with
@@ -127,7 +131,7 @@ def hf_generate(module, prompts, w: Workload, new_tokens: int, eos: bool, gather
     from grpo_ds.rollout.backend import mask_through_first_stop
     from grpo_ds.rollout.gather import eval_mode, suspend_zero3_hooks
 
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=next(module.parameters()).device)  # on the GPU if any
     kwargs = {"attention_mask": torch.ones_like(ids), "do_sample": True, "top_k": 0,
               "top_p": 1.0, "temperature": 1.0, "num_return_sequences": w.group_size,
               "max_new_tokens": new_tokens, "pad_token_id": PAD_ID,
@@ -195,7 +199,7 @@ def _tokens_of(backend, prompts, group_size, params, seed):
 
 
 def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: int,
-                repeats: int) -> dict:
+                repeats: int, chosen: set[str]) -> dict:
     from grpo_ds.rollout import HybridRollout, SamplingParams
 
     stop = (EOS_ID,) if eos else ()
@@ -213,9 +217,12 @@ def run_methods(engine, hybrids: dict, prompts, w: Workload, eos: bool, rank: in
     }
     methods["c"] = lambda: hf_generate(engine.module, prompts, w, w.new_tokens, eos,
                                        gathered=False)
+    methods = {name: fn for name, fn in methods.items() if name in chosen}
     results = {}
     if not eos:  # d only in the no-EOS scenario: it ignores EOS
         for name, backend in hybrids.items():
+            if name not in chosen:
+                continue
             if isinstance(backend, str):
                 results[name] = {"error": backend}
             else:
@@ -253,16 +260,19 @@ def worker(args) -> None:
     model = build_model(w, args.dtype)
     params_m = sum(p.numel() for p in model.parameters()) / 1e6
     engine = make_engine(model, args.dtype)
-    hybrids = {"d": hybrid_backend(w, args.dtype, "qwen2"),
-               "d/llama": hybrid_backend(w, args.dtype, "llama")}
+    chosen = set(args.methods.split(","))
+    hybrids = {name: hybrid_backend(w, args.dtype, arch)
+               for name, arch in (("d", "qwen2"), ("d/llama", "llama")) if name in chosen}
     prompts = rank_prompts(w, rank)
     HybridRollout(engine.module, PAD_ID).generate(prompts[:1], 1, SamplingParams(2), 0)  # warm-up
-    report = {"workload": asdict(w), "params_millions": round(params_m, 2), "ranks": 2,
-              "dtype": args.dtype, "repeats": args.repeats, "scenarios": {}}
+    report = {"workload": asdict(w), "params_millions": round(params_m, 2),
+              "ranks": dist.get_world_size(), "dtype": args.dtype, "repeats": args.repeats,
+              "methods": sorted(chosen), "scenarios": {}}
     for eos in (False, True):
-        results = run_methods(engine, hybrids, prompts, w, eos, rank, args.repeats)
+        results = run_methods(engine, hybrids, prompts, w, eos, rank, args.repeats, chosen)
         report["scenarios"]["eos" if eos else "no_eos"] = results
-    report["scenarios"]["no_eos"].update(measure_ceiling(engine, prompts, w, args.repeats))
+    if "ceiling" in chosen:
+        report["scenarios"]["no_eos"].update(measure_ceiling(engine, prompts, w, args.repeats))
     if args.profile:
         profile_ours(engine, prompts, w, f"{args.profile}.rank{rank}")
     if rank == 0:
@@ -337,6 +347,7 @@ def add_ratios(report: dict) -> dict:
     return report
 
 
+METHODS = ("a", "a/layers", "a/unpacked", "b", "c", "d", "d/llama", "ceiling")
 NAMES = {"a": "a  ours, HybridRollout (full gather)",
          "a/layers": "a' ours, HybridRollout (layer groups of 2)",
          "a/unpacked": "a\" ours, full gather, packed_weights off",
@@ -351,23 +362,26 @@ NAMES = {"a": "a  ours, HybridRollout (full gather)",
 
 def format_table(report: dict) -> str:
     w = report["workload"]
-    title = (f"generation benchmark: {2 * w['prompts_per_rank']} prompts x G={w['group_size']}, "
-             f"prompt {w['prompt_len']} tokens, <= {w['new_tokens']} new tokens, "
-             f"{report['params_millions']}M-param model, {report['dtype']}, ZeRO-3, 2 ranks")
+    ranks = report["ranks"]
+    title = (f"generation benchmark: {ranks * w['prompts_per_rank']} prompts x "
+             f"G={w['group_size']}, prompt {w['prompt_len']} tokens, <= {w['new_tokens']} new "
+             f"tokens, {report['params_millions']}M-param model, {report['dtype']}, ZeRO-3, "
+             f"{ranks} rank(s)")
     note = f"(best of {report.get('repeats', 1)} interleaved rounds)"
     header = (f"{'method':45s} {'tokens':>7s} {'seconds':>8s} {'tok/s':>7s} {'a/this':>7s} "
               f"{'cpu-s':>7s} {'a/this cpu':>10s}")
     lines = [title, note]
     for scenario, results in report["scenarios"].items():
         lines += ["", f"scenario {scenario}", header]
-        ours = results["a"]
+        ours = results.get("a", {})
         for key in [k for k in NAMES if k in results]:
             r = results[key]
             if "error" in r:
                 lines.append(f"{NAMES[key]:45s} error: {r['error'][:300]}")
                 continue
-            ratio = ours["tokens_per_second"] / r["tokens_per_second"]
-            cpu_ratio = ours["tokens_per_cpu_second"] / r["tokens_per_cpu_second"]
+            nan = float("nan")  # a/this when a did not run
+            ratio = ours.get("tokens_per_second", nan) / r["tokens_per_second"]
+            cpu_ratio = ours.get("tokens_per_cpu_second", nan) / r["tokens_per_cpu_second"]
             lines.append(f"{NAMES[key]:45s} {r['tokens']:7d} {r['seconds']:8.1f} "
                          f"{r['tokens_per_second']:7.1f} {ratio:6.2f}x {r['cpu_seconds']:7.1f} "
                          f"{cpu_ratio:9.2f}x")
@@ -386,6 +400,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny workload (for tests)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="every method's dtype (default float32)")
+    parser.add_argument("--ranks", type=int, default=2, help="local ranks (default 2)")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated methods to run (default: all, {','.join(METHODS)})")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before giving up")
     parser.add_argument("--repeats", type=int, default=2,
                         help="interleaved rounds per method; the best round is reported")
@@ -395,15 +412,19 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.methods.split(",")) - set(METHODS)
+    if unknown:
+        parser.error(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if args.worker:
         from grpo_ds.engine import finish_rank  # not at the top: --json's parent stays quiet
 
         worker(args)
         finish_rank(0)
-    passed = (["--repeats", str(args.repeats), "--dtype", args.dtype]
+    passed = (["--repeats", str(args.repeats), "--dtype", args.dtype, "--methods", args.methods]
               + (["--quick"] if args.quick else []))
     passed += ["--profile", os.path.abspath(args.profile)] if args.profile else []
-    report = add_ratios(launch_workers("grpo_ds.bench.generation", 2, passed, args.timeout))
+    report = add_ratios(launch_workers("grpo_ds.bench.generation", args.ranks, passed,
+                                       args.timeout))
     print(json.dumps(report) if args.json else format_table(report))
     return 0
 

@@ -1,0 +1,1 @@
+"""The GPU check (README "GPU check"): skipped without CUDA."""
