@@ -20,7 +20,7 @@ from grpo_ds.build_locks import build_lock_problem
 from grpo_ds.checkpoint import CheckpointError, checkpoint_root, find_resume
 from grpo_ds.config import ConfigError, load_config, validate
 from grpo_ds.failures import rank_processes
-from grpo_ds.host_memory import HostAllocatorError, host_allocator_env
+from grpo_ds.cpu.host_memory import HostAllocatorError, host_allocator_env
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from grpo_ds.host_memory import HOST_ALLOCATORS
+from grpo_ds.cpu.host_memory import HOST_ALLOCATORS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -41,10 +41,10 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     fused_layers: str = "auto"
-    """Decoder layers with fused matmuls, RMSNorm and rotary (grpo_ds/fused_layers.py): auto
+    """Decoder layers with fused matmuls, RMSNorm and rotary (grpo_ds/cpu/fused_layers.py): auto
     (Llama, Mistral, Qwen2; HF's layers for other models), on (error if unsupported), off."""
     onednn_linears: str = "auto"
-    """Every Linear's forward and input gradient on oneDNN (grpo_ds/onednn_linear.py): auto
+    """Every Linear's forward and input gradient on oneDNN (grpo_ds/cpu/onednn_linear.py): auto
     (float32 on an AVX-512 CPU, where it is faster than torch's default MKL), on (error if
     unsupported), off."""
     hidden_size: int = 128

@@ -19,9 +19,9 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
 
-from grpo_ds.fused_layers import apply_fused_layers
+from grpo_ds.cpu.fused_layers import apply_fused_layers
 from grpo_ds.model import CausalLMWithLogprobs, load_pretrained
-from grpo_ds.onednn_linear import apply_onednn_linears
+from grpo_ds.cpu.onednn_linear import apply_onednn_linears
 
 
 def init_distributed() -> None:

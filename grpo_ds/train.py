@@ -24,11 +24,11 @@ from grpo_ds.engine import (
     load_sharded,
 )
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
-from grpo_ds.fused_layers import apply_fused_layers
-from grpo_ds.host_memory import active_host_allocator
+from grpo_ds.cpu.fused_layers import apply_fused_layers
+from grpo_ds.cpu.host_memory import active_host_allocator
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
-from grpo_ds.onednn_linear import apply_onednn_linears
+from grpo_ds.cpu.onednn_linear import apply_onednn_linears
 from grpo_ds.rewards import load_reward_function
 from grpo_ds.trainer import run_grpo, summary_path
 from grpo_ds.warmup import warm_start

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from grpo_ds.packed_linear import linear, packed_linears, packing_supported
+from grpo_ds.cpu.packed_linear import linear, packed_linears, packing_supported
 from grpo_ds.rollout import HybridRollout, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,7 +77,7 @@ def test_rollout_packs_where_supported_and_on_fails_where_not():
 def test_forward_never_reads_the_partitioned_linear_weights(fused, rows):
     # Under ZeRO-3 the rollout partitions each Linear again once its copy is made: the forward
     # must run on the copies alone. Emptying the weights as DeepSpeed's release does shows it.
-    from grpo_ds.fused_layers import FUSE_MIN_ROWS, fuse_decoder_layers
+    from grpo_ds.cpu.fused_layers import FUSE_MIN_ROWS, fuse_decoder_layers
     from tests.test_rollout_engine import tiny_llama
 
     assert (rows >= FUSE_MIN_ROWS) == (rows == 1100)

@@ -168,7 +168,7 @@ def build_engines(run: Run, ds: dict, peaks: Peaks, fused_layers: str) -> dict:
     from transformers import LlamaForCausalLM
 
     from grpo_ds.engine import build_policy, reference_ds_config, reference_engine
-    from grpo_ds.fused_layers import apply_fused_layers
+    from grpo_ds.cpu.fused_layers import apply_fused_layers
 
     config = llama_config(run.size)
     with peaks.phase("policy_build"):

@@ -20,10 +20,10 @@ from grpo_ds.engine import (
     init_distributed,
     load_sharded,
 )
-from grpo_ds.fused_layers import apply_fused_layers
+from grpo_ds.cpu.fused_layers import apply_fused_layers
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.onednn_linear import apply_onednn_linears
+from grpo_ds.cpu.onednn_linear import apply_onednn_linears
 from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
 from grpo_ds.trainer import run_grpo
 

@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from grpo_ds.onednn_linear import forward_product, no_cpu_onednn, onednn_linear, uses_onednn
+from grpo_ds.cpu.onednn_linear import forward_product, no_cpu_onednn, onednn_linear, uses_onednn
 
 _PACKED = "_grpo_packed_weight"
 
