@@ -205,15 +205,19 @@ def setup(args, w: Workload) -> dict:
     from deepspeed import comm as dist
 
     from grpo_ds.config import deepspeed_config, load_config, validate
+    from grpo_ds.cpu.fused_layers import is_fused
+    from grpo_ds.cpu.onednn_linear import uses_onednn
+    from grpo_ds.device import Device, resolve_config
     from grpo_ds.engine import build_policy, build_reference
-    from grpo_ds.cpu.fused_layers import apply_fused_layers, is_fused
-    from grpo_ds.cpu.onednn_linear import apply_onednn_linears, uses_onednn
     from grpo_ds.rollout import HybridRollout
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(None, overrides(w, args))
     if args.chunk:
         cfg.train.logprob_chunk_size = args.chunk
+    validate(cfg, world)
+    device = Device(*resolve_config(cfg))  # as train.py: every `auto` for this accelerator
+    cfg = device.cfg
     plan = validate(cfg, world)
     ds = deepspeed_config(cfg, plan)
     tokenizer = build_tokenizer(w.vocab)
@@ -223,12 +227,11 @@ def setup(args, w: Workload) -> dict:
         lm.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     dist.barrier()
-    apply_fused_layers(lm, cfg.model.fused_layers)
-    apply_onednn_linears(lm, cfg.model.onednn_linears)
+    device.prepare_model(lm)
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, gradient_checkpointing=False)
     reference = build_reference(model_dir, ds, cfg.deepspeed.reference_placement, cfg.model.dtype,
-                                cfg.train.logprob_chunk_size, cfg.model.fused_layers,
-                                cfg.model.onednn_linears)
+                                cfg.train.logprob_chunk_size, device.prepare_model,
+                                cfg.model.attn_implementation)
     rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                             gather=cfg.rollout.gather, tokenizer=tokenizer)
     g = torch.Generator().manual_seed(1000 + rank)

@@ -13,6 +13,7 @@ import torch
 
 from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import deepspeed_config, load_config, validate
+from grpo_ds.device import resolve_config
 from grpo_ds.engine import (
     build_policy,
     build_reference,
@@ -20,6 +21,7 @@ from grpo_ds.engine import (
     init_distributed,
     load_sharded,
 )
+from grpo_ds.cpu import apply_kernels
 from grpo_ds.cpu.fused_layers import apply_fused_layers
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import build_tiny_llama
@@ -48,6 +50,7 @@ def main() -> None:
                              "--train.eval_every=0", "--task.eval_size=32",
                              "--train.prompts_per_step=8", "--train.micro_batch_size=16",
                              "--grpo.beta=0.1", "--train.lr=0.01", "--output.save_model=false"])
+    cfg, _ = resolve_config(cfg)  # every `auto` for this accelerator, as train.py
     plan = validate(cfg, world)
     tokenizer = build_tokenizer()
     model_dir = out_dir / "init_model"
@@ -62,7 +65,8 @@ def main() -> None:
     apply_fused_layers(lm, "on")  # fused layers with activation checkpointing under ZeRO-3
     apply_onednn_linears(lm, "on")
     policy = build_policy(lm, ds, 64, gradient_checkpointing=True)
-    reference = build_reference(str(model_dir), ds, "cpu_offload", "float32", 64, "on", "on")
+    reference = build_reference(str(model_dir), ds, "cpu_offload", "float32", 64,
+                                lambda m: apply_kernels(m, "on", "on"))
     policy_before, reference_before = full_params(policy), full_params(reference)
     task = ArithmeticTask(digits=2, eval_size=32)
     source = ArithmeticSource(task, cfg.train.prompts_per_step, rank, world, seed=0)
