@@ -213,9 +213,9 @@ def describe(resolved: Resolved) -> str:
                    f"{resolved.onednn_linears}, packed generation weights {resolved.packed_weights}")
     else:
         kernels = "CPU kernels off (HF / PyTorch path)"
-    parts = [resolved.dtype + (", TF32 matmuls" if resolved.tf32 else ""),
-             f"attention {resolved.attn_implementation} (rollout: "
-             f"{rollout_attention(resolved.attn_implementation)})",
+    attention = (f"attention {resolved.attn_implementation} (rollout: "
+                 f"{rollout_attention(resolved.attn_implementation)})")
+    parts = [resolved.dtype + (", TF32 matmuls" if resolved.tf32 else ""), attention,
              OPTIMIZER_NAMES[resolved.optimizer], f"preset {resolved.preset}", kernels]
     notes = f" [{'; '.join(resolved.notes)}]" if resolved.notes else ""
     return f"device {resolved.accelerator}: {', '.join(parts)}{notes}"

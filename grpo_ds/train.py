@@ -16,6 +16,8 @@ import deepspeed.comm as dist
 
 from grpo_ds.checkpoint import Checkpointer, RunState, checkpoint_root, prepare_resume, resume_point
 from grpo_ds.config import Config, deepspeed_config, load_config, validate
+from grpo_ds.cpu.host_memory import active_host_allocator
+from grpo_ds.device import prepare_device
 from grpo_ds.engine import (
     build_policy,
     build_reference,
@@ -23,8 +25,6 @@ from grpo_ds.engine import (
     init_distributed,
     load_sharded,
 )
-from grpo_ds.cpu.host_memory import active_host_allocator
-from grpo_ds.device import prepare_device
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model

@@ -132,3 +132,14 @@ def test_the_resolved_config_fills_deepspeed_for_each_optimizer():
     on_cpu = resolved_config(plain, resolve(choices_of(plain), CPU))
     assert deepspeed_config(on_cpu, plan)["optimizer"]["params"]["torch_adam"] is True
     assert on_cpu.model.dtype == "float32" and plain.model.dtype == "auto"  # a copy
+
+
+def test_grpo_ds_train_refuses_an_unresolvable_choice_before_launch(monkeypatch, capsys):
+    from grpo_ds import cli
+
+    started = []
+    monkeypatch.setattr(cli.subprocess, "Popen", lambda *a, **k: started.append(a))
+    # this machine is a CPU: fused_adam cannot be built here, and nothing is launched
+    assert cli.main(["train", "--train.optimizer=fused_adam"]) == 2
+    assert not started
+    assert "train.optimizer=fused_adam" in capsys.readouterr().err

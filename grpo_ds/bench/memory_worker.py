@@ -170,8 +170,8 @@ def build_engines(run: Run, ds: dict, peaks: Peaks, fused_layers: str) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from grpo_ds.engine import build_policy, reference_ds_config, reference_engine
     from grpo_ds.cpu.fused_layers import apply_fused_layers
+    from grpo_ds.engine import build_policy, reference_ds_config, reference_engine
 
     config = llama_config(run.size)
     with peaks.phase("policy_build"):

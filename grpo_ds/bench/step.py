@@ -335,8 +335,8 @@ def worker(args) -> None:
     import torch
 
     from grpo_ds.bench.mfu import peak_all_ranks
-    from grpo_ds.engine import init_distributed
     from grpo_ds.cpu.host_memory import active_host_allocator
+    from grpo_ds.engine import init_distributed
     from grpo_ds.metrics import peak_memory_metrics
     from grpo_ds.model import DTYPES
 

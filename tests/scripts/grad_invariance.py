@@ -12,11 +12,11 @@ from deepspeed.utils import safe_get_full_grad
 
 from grpo_ds.batch import RolloutBatch
 from grpo_ds.config import deepspeed_config, load_config, validate
+from grpo_ds.cpu.fused_layers import apply_fused_layers
+from grpo_ds.cpu.onednn_linear import apply_onednn_linears
 from grpo_ds.device import resolve_config
 from grpo_ds.engine import build_policy, finish_rank, init_distributed
-from grpo_ds.cpu.fused_layers import apply_fused_layers
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.cpu.onednn_linear import apply_onednn_linears
 from grpo_ds.trainer import micro_batch_loss, step_counts
 
 SEQUENCES, PROMPT, COMPLETION, VOCAB = 16, 5, 7, 17

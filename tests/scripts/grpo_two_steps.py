@@ -13,6 +13,9 @@ import torch
 
 from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import deepspeed_config, load_config, validate
+from grpo_ds.cpu import apply_kernels
+from grpo_ds.cpu.fused_layers import apply_fused_layers
+from grpo_ds.cpu.onednn_linear import apply_onednn_linears
 from grpo_ds.device import resolve_config
 from grpo_ds.engine import (
     build_policy,
@@ -21,11 +24,8 @@ from grpo_ds.engine import (
     init_distributed,
     load_sharded,
 )
-from grpo_ds.cpu import apply_kernels
-from grpo_ds.cpu.fused_layers import apply_fused_layers
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.cpu.onednn_linear import apply_onednn_linears
 from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
 from grpo_ds.trainer import run_grpo
 
