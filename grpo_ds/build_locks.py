@@ -1,13 +1,18 @@
 """Stale build locks of DeepSpeed's JIT-built ops: found before launch, not as a silent hang.
 
-DeepSpeed builds its C++ ops (shared-memory comm and CPU Adam on CPU, async_io for NVMe offload)
-with torch's cpp_extension the first time a rank loads them. The first process to build an op
+DeepSpeed builds its C++ ops (shared-memory comm and CPU Adam on CPU, FusedAdam on a GPU, async_io
+for NVMe offload) with torch's cpp_extension the first time a rank loads them. The first process to build an op
 creates `<extensions root>/<build dir>/<op>/lock`; every other process waits until that file
 is gone, with no timeout and no message. A build killed with SIGKILL (a job's time limit, an OOM
 kill, a benchmark's timeout) never removes it, and from then on every rank of every run waits
 on it forever after printing "Using ... as PyTorch extensions root". A lock whose folder has
 seen no write for `IDLE_SECONDS` belongs to no running build: a compile step writes its object
 file within a few minutes (the slowest seen here, async_io's, about 80 s a file on 2 cores).
+
+One policy: such a lock is named and the run refuses to start; nothing deletes it (a build in
+another job may own it). `grpo-ds train` and the benchmarks check before they launch ranks, and
+engine.init_distributed checks again for ranks started by the user's own launcher. It is not in
+grpo_ds/cpu/: the GPU path JIT-builds FusedAdam behind the same lock.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ import sys
 from grpo_ds.build_locks import build_lock_problem
 from grpo_ds.checkpoint import CheckpointError, checkpoint_root, find_resume
 from grpo_ds.config import ConfigError, load_config, validate
+from grpo_ds.cpu.host_memory import HostAllocatorError, host_allocator_env
 from grpo_ds.failures import rank_processes
-from grpo_ds.host_memory import HostAllocatorError, host_allocator_env
 from grpo_ds.launch_devices import LaunchError, include_spec, launch_devices
 
 
@@ -112,6 +112,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         devices = assigned_launch_devices(cfg.deepspeed.num_gpus)
         num_ranks = len(devices) if devices else cfg.deepspeed.num_gpus or default_num_ranks()
         validate(cfg, num_ranks)
+        # the device choices, resolved here as each rank will (a CPU kernel asked for on a GPU,
+        # flash_attention_2 without flash_attn) fail now rather than in every rank
+        from grpo_ds.device import resolve_config
+
+        resolve_config(cfg)
         find_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
     except (ConfigError, CheckpointError) as err:
         print(f"config error: {err}", file=sys.stderr)

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import yaml
 
-from grpo_ds.host_memory import HOST_ALLOCATORS
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -27,27 +25,39 @@ class ConfigError(ValueError):
     """A config value is invalid. The message names the field and the value."""
 
 
+# Device-dependent choices: config names them, the device layer (grpo_ds/device.py) resolves
+# every `auto` for the accelerator a rank runs on.
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+ATTN_CHOICES = ("auto", "sdpa", "eager", "flash_attention_2")
+OPTIMIZER_CHOICES = ("auto", "torch_adamw", "fused_adam", "cpu_adam")
 FUSED_LAYER_CHOICES = ("auto", "on", "off")
 ROLLOUT_BACKENDS = ("hybrid",)  # grpo_ds/rollout/select.py
 PACKED_WEIGHT_CHOICES = ("auto", "on", "off")
 ONEDNN_LINEAR_CHOICES = ("auto", "on", "off")
+HOST_ALLOCATORS = ("auto", "tcmalloc", "system")
 
 
 @dataclass
 class ModelConfig:
     path: str | None = None
     """Local Hugging Face model directory. None builds the embedded default task's tiny Llama."""
-    dtype: str = "float32"
-    """Training dtype: float32 or bfloat16 (fp16 is unreliable on CPU and not offered)."""
+    dtype: str = "auto"
+    """Training dtype: auto (bfloat16 on a GPU that supports it, float32 on CPU), float32 or
+    bfloat16 (fp16 is unreliable on CPU and not offered)."""
+    attn_implementation: str = "auto"
+    """Attention of the policy, reference and reward model: auto (flash_attention_2 on a GPU
+    where flash_attn is installed and the run is bf16, else sdpa), sdpa, eager, or
+    flash_attention_2. The rollout's shared-prefix decode runs with sdpa and eager only."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     fused_layers: str = "auto"
-    """Decoder layers with fused matmuls, RMSNorm and rotary (grpo_ds/fused_layers.py): auto
-    (Llama, Mistral, Qwen2; HF's layers for other models), on (error if unsupported), off."""
+    """CPU: decoder layers with fused matmuls, RMSNorm and rotary (grpo_ds/cpu/fused_layers.py):
+    auto (Llama, Mistral, Qwen2 on CPU; HF's layers for other models and on a GPU), on (error
+    if unsupported), off."""
     onednn_linears: str = "auto"
-    """Every Linear's forward and input gradient on oneDNN (grpo_ds/onednn_linear.py): auto
-    (float32 on an AVX-512 CPU, where it is faster than torch's default MKL), on (error if
-    unsupported), off."""
+    """CPU: every Linear's forward and input gradient on oneDNN (grpo_ds/cpu/onednn_linear.py):
+    auto (float32 on an AVX-512 CPU, where it is faster than torch's default MKL; off on a
+    GPU), on (error if unsupported), off."""
     hidden_size: int = 128
     """Built-in model only: width of the Llama built for the default task."""
     num_layers: int = 2
@@ -158,9 +168,7 @@ class RolloutConfig:
     buffers, in 80 % of the device memory free when the rollout starts (weights held). At least
     group_size."""
     packed_weights: str = "auto"
-    """CPU: run the Linears on weights reordered for oneDNN once per rollout (per group gather with `layers`): faster decode matmuls; under ZeRO-3 with the full gather the copies replace the gathered Linears, otherwise they add to them. `auto` (where supported), `on`, `off`."""
-    logprob_tolerance: float = 1e-3
-    """mu > 1: sampled log-probs serve as old log-probs while their gap to the trainer's forward is below this."""
+    """CPU: run the Linears on weights reordered for oneDNN once per rollout (per group gather with `layers`): faster decode matmuls; under ZeRO-3 with the full gather the copies replace the gathered Linears, otherwise they add to them. `auto` (where supported on CPU; off on a GPU), `on`, `off`."""
 
 
 @dataclass
@@ -205,6 +213,10 @@ class TrainConfig:
     """Linear learning-rate warm-up steps."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
+    optimizer: str = "auto"
+    """AdamW's implementation: auto (DeepSpeed's FusedAdam on a GPU where its op builds;
+    DeepSpeedCPUAdam when the preset offloads the optimizer; torch AdamW on CPU), torch_adamw,
+    fused_adam, or cpu_adam (offloaded optimizer only)."""
     grad_clip: float = 1.0
     """Gradient-norm clip (0 = off)."""
     seed: int = 0
@@ -220,7 +232,8 @@ class TrainConfig:
 @dataclass
 class DeepSpeedConfig:
     config: str = "ds_configs/zero3.json"
-    """DeepSpeed JSON preset (ZeRO stage, offload, buckets). Batch fields are filled from `train`."""
+    """DeepSpeed JSON preset (ZeRO stage, offload, buckets). Batch fields are filled from `train`.
+    On a GPU a shipped preset `ds_configs/NAME.json` runs as its GPU twin `ds_configs/gpu/NAME.json`."""
     reference_placement: str = "cpu_offload"
     """Reference model: `cpu_offload` (ZeRO-3, params on CPU), `sharded`, or `none` (needs beta=0)."""
     num_gpus: int | None = None
@@ -370,7 +383,8 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
 
 
 def resolve_path(path: str) -> Path:
-    """A relative path is taken from the working directory, else from the repo (presets)."""
+    """A relative path is taken from the working directory, else from the package (the presets:
+    `ds_configs/zero3.json` is grpo_ds/ds_configs/zero3.json, shipped with the package)."""
     candidate = Path(path)
     if candidate.is_absolute() or candidate.exists():
         return candidate
@@ -384,7 +398,9 @@ def resolve_path(path: str) -> Path:
 # validation and batch arithmetic
 
 CHOICES = {
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": DTYPE_CHOICES,
+    "model.attn_implementation": ATTN_CHOICES,
+    "train.optimizer": OPTIMIZER_CHOICES,
     "task.name": ("arithmetic", "dataset"),
     "data.overlong_prompts": ("truncate", "drop"),
     "rewards.on_error": ("raise", "skip"),
@@ -487,7 +503,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     if cfg.grpo.process_reward and (cfg.grpo.kl_in_reward or cfg.grpo.filter_tied_groups):
         raise ConfigError("grpo.process_reward: cannot be combined with grpo.kl_in_reward or "
                           "grpo.filter_tied_groups (both act on outcome rewards)")
-    if cfg.model.onednn_linears == "on" and cfg.model.dtype != "float32":
+    if cfg.model.onednn_linears == "on" and cfg.model.dtype == "bfloat16":
         raise ConfigError(f"model.onednn_linears='on' needs model.dtype=float32 (got "
                           f"{cfg.model.dtype!r}): torch already runs bf16 matmuls on oneDNN")
     if not 0 <= cfg.task.carry_drop <= 1:
@@ -550,15 +566,18 @@ def deepspeed_config(cfg: Config, plan: BatchPlan) -> dict:
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     ds["gradient_accumulation_steps"] = plan.grad_accum
     ds["train_batch_size"] = plan.micro_batch_size * plan.grad_accum * plan.world_size
+    if "auto" in (cfg.model.dtype, cfg.train.optimizer):
+        raise ValueError("deepspeed_config needs a resolved config: pass it through "
+                         "grpo_ds.device.resolve_config first (model.dtype, train.optimizer)")
     ds["bf16"] = {"enabled": cfg.model.dtype == "bfloat16"}
     ds["gradient_clipping"] = cfg.train.grad_clip
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = ds["optimizer"].setdefault("params", {})
     params.update(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     params.setdefault("betas", [0.9, 0.999])
-    if offload == "none":
-        # Without offload DeepSpeed would pick FusedAdam, which needs a CUDA build.
+    # DeepSpeed builds "AdamW" as torch's with torch_adam, as DeepSpeedCPUAdam when the
+    # optimizer is offloaded, and as FusedAdam otherwise (runtime/engine.py)
+    if cfg.train.optimizer == "torch_adamw":
         params.setdefault("torch_adam", True)
     if cfg.train.lr_warmup_steps:
         ds["scheduler"] = {"type": "WarmupLR", "params": {

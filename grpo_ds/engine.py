@@ -10,19 +10,17 @@ from __future__ import annotations
 import atexit
 import copy
 import datetime
-import glob
 import os
 import sys
-import time
+from collections.abc import Callable
 
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
 
-from grpo_ds.fused_layers import apply_fused_layers
+from grpo_ds.build_locks import build_lock_problem
 from grpo_ds.model import CausalLMWithLogprobs, load_pretrained
-from grpo_ds.onednn_linear import apply_onednn_linears
 
 
 def collective_timeout(minutes: float | None) -> datetime.timedelta:
@@ -41,12 +39,25 @@ def init_distributed(timeout_minutes: float | None = None) -> None:
         # Without these, init_distributed falls back to mpi4py discovery.
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
-    clear_stale_build_locks()
+    refuse_stale_build_locks()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                timeout=collective_timeout(timeout_minutes))
     atexit.register(leave_process_group)
-    unlink_shm_buffer()
-    set_threads_per_rank()
+    if get_accelerator().device_name() == "cpu":
+        from grpo_ds.cpu import prepare_process
+
+        prepare_process()
+
+
+def refuse_stale_build_locks() -> None:
+    """Stop before DeepSpeed loads its ops if a killed build left a lock that every rank would
+    wait on forever (build_locks.py; `grpo-ds train` checks the same before it launches, this
+    covers ranks started by the user's own launcher). Local rank 0 looks."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    problem = build_lock_problem()
+    if problem:
+        raise RuntimeError(problem)
 
 
 def leave_process_group() -> None:
@@ -71,74 +82,20 @@ def finish_rank(code: int = 0) -> None:
     os._exit(code)
 
 
-def clear_stale_build_locks(max_age_seconds: float = 1800.0) -> None:
-    """Remove JIT build locks left behind by a killed DeepSpeed op build.
-
-    DeepSpeed builds its CPU ops (shm all-reduce, cpu_adam, async_io) on first use, guarded by a
-    `lock` file in torch's extension directory. A build killed mid-way leaves that file, and every
-    later run then waits on it forever. A real build takes minutes, so a lock older than
-    `max_age_seconds` is stale. Only local rank 0 looks, before any rank starts a build.
-    """
-    if os.environ.get("LOCAL_RANK", "0") != "0":
-        return
-    from torch.utils.cpp_extension import get_default_build_root
-
-    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    for lock in glob.glob(os.path.join(root, "*", "*", "lock")) + glob.glob(
-            os.path.join(root, "*", "lock")):
-        try:
-            if time.time() - os.path.getmtime(lock) > max_age_seconds:
-                os.unlink(lock)
-                print(f"[grpo-ds] removed a stale op-build lock left by a killed build: {lock}",
-                      flush=True)
-        except FileNotFoundError:  # another process removed it first
-            pass
-
-
-def unlink_shm_buffer() -> None:
-    """Free DeepSpeed's CPU shared-memory all-reduce buffer when the ranks exit.
-
-    On CPU, init_distributed creates one /dev/shm file per rank (~66 MiB, named after uid, master
-    address, port and rank), maps every rank's, and never unlinks them: each run leaks that RAM
-    until reboot. Once all ranks have mapped all buffers (init, then a barrier), unlinking our own
-    name keeps the mappings working and lets the kernel free the memory at exit.
-    """
-    if get_accelerator().device_name() != "cpu":
-        return
-    deepspeed.comm.barrier()
-    env = os.environ
-    name = "_".join(["deepspeed_allreduce_buffer", str(os.getuid()), env.get("MASTER_ADDR", ""),
-                     env.get("MASTER_PORT", ""), str(deepspeed.comm.get_rank())])
-    try:
-        os.unlink(os.path.join("/dev/shm", name))
-    except FileNotFoundError:  # not all ranks local (no shm op), or not Linux
-        pass
-
-
-def set_threads_per_rank() -> None:
-    """Give each local rank its share of the cores, so 2 ranks on 2 cores do not fight."""
-    if "OMP_NUM_THREADS" in os.environ:  # the user's (or the launcher's) explicit choice
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
-        return
-    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if get_accelerator().device_name() == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))
-
-
-def load_sharded(path: str, ds_config: dict, dtype: str):
+def load_sharded(path: str, ds_config: dict, dtype: str, attn_implementation: str = "sdpa"):
     """Load a HF model from `path`, partitioned at load time when `ds_config` is ZeRO stage 3."""
     # transformers consults the most recent HfDeepSpeedConfig through a weak reference:
     # it must stay alive until from_pretrained returns.
     live = HfDeepSpeedConfig(ds_config)
-    model, tokenizer = load_pretrained(path, dtype)
+    model, tokenizer = load_pretrained(path, dtype, attn_implementation)
     del live
     return model, tokenizer
 
 
 def build_policy(lm: torch.nn.Module, ds_config: dict, chunk_size: int, gradient_checkpointing: bool):
     """Wrap the HF model and hand it to DeepSpeed; returns the engine (optimizer inside).
-    Fused layers and oneDNN Linears (apply_fused_layers, apply_onednn_linears) must be applied
-    to `lm` before: initialize sets the hooks."""
+    CPU kernels (Device.prepare_model) must be applied to `lm` before: initialize sets the
+    hooks."""
     # from_pretrained returns a model in eval mode, where HF skips gradient checkpointing
     # (it checks self.training): the policy trains, so it is in train mode from here on.
     lm.train()
@@ -171,23 +128,27 @@ def reference_ds_config(policy_ds: dict, placement: str) -> dict:
     }
 
 
+PrepareModel = Callable[[torch.nn.Module], object]  # Device.prepare_model: CPU kernels or nothing
+
+
 def build_reference(path: str, policy_ds: dict, placement: str, dtype: str, chunk_size: int,
-                    fused_layers: str = "off", onednn_linears: str = "off"):
+                    prepare_model: PrepareModel | None = None, attn_implementation: str = "sdpa"):
     """The frozen reference: a separate engine, never stepped; None when placement is 'none'."""
     if placement == "none":
         return None
     ds_config = reference_ds_config(policy_ds, placement)
-    lm, _ = load_sharded(path, ds_config, dtype)
-    return reference_engine(lm, ds_config, chunk_size, fused_layers, onednn_linears)
+    lm, _ = load_sharded(path, ds_config, dtype, attn_implementation)
+    return reference_engine(lm, ds_config, chunk_size, prepare_model)
 
 
 def reference_engine(lm: torch.nn.Module, ds_config: dict, chunk_size: int,
-                     fused_layers: str = "off", onednn_linears: str = "off"):
+                     prepare_model: PrepareModel | None = None):
     """Freeze `lm` (built or loaded under `ds_config`, a reference_ds_config) and wrap it as the
-    reference engine. The memory benchmark builds `lm` in zero.Init directly, without a file."""
+    reference engine. The memory benchmark builds `lm` in zero.Init directly, without a file.
+    `prepare_model(lm)` gives it the policy's kernels (the device layer's hook)."""
     lm.requires_grad_(False)
-    apply_fused_layers(lm, fused_layers)
-    apply_onednn_linears(lm, onednn_linears)
+    if prepare_model is not None:
+        prepare_model(lm)
     module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)
     engine, *_ = deepspeed.initialize(model=module, config=ds_config)
     engine.eval()

@@ -118,9 +118,10 @@ def build_tiny_llama(vocab_size: int, hidden_size: int, num_layers: int, num_hea
     return LlamaForCausalLM(config)
 
 
-def load_pretrained(path: str | Path, dtype: str):
+def load_pretrained(path: str | Path, dtype: str, attn_implementation: str = "sdpa"):
     """Load a local HF model. Call it with a live `HfDeepSpeedConfig` so ZeRO-3 loads it sharded."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                 attn_implementation=attn_implementation)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -118,10 +118,21 @@ def builtin_model_spec(cfg) -> model_spec.ModelSpec:
         "num_attention_heads": m.num_heads, "tie_word_embeddings": False}, "built-in tiny llama")
 
 
+def planned_config(cfg, separate_device: bool):
+    """`cfg` with its `auto` choices (dtype, preset, kernels) resolved as a run on the planned
+    machine would resolve them: this one, or a bf16 GPU when --device-mem plans for one."""
+    from grpo_ds.device import DeviceFacts, choices_of, probe_facts, resolve, resolved_config
+
+    choices = choices_of(cfg)
+    facts = (DeviceFacts("cuda", device_bf16=True, fused_adam=True) if separate_device
+             else probe_facts(choices.offload_optimizer != "none"))
+    return resolved_config(cfg, resolve(choices, facts))
+
+
 def make_plan(args, overrides: list[str]) -> MemoryPlan:
     from grpo_ds.config import load_config, load_ds_preset
 
-    cfg = load_config(args.config, overrides)
+    cfg = planned_config(load_config(args.config, overrides), args.device_mem is not None)
     world = args.world_size or default_world_size(cfg)
     if args.prompts_per_rank is not None:  # only the per-rank split matters here
         cfg.train.prompts_per_step = args.prompts_per_rank * world

@@ -17,6 +17,8 @@ import deepspeed.comm as dist
 
 from grpo_ds.checkpoint import Checkpointer, RunState, checkpoint_root, prepare_resume, resume_point
 from grpo_ds.config import Config, deepspeed_config, load_config, validate
+from grpo_ds.cpu.host_memory import active_host_allocator
+from grpo_ds.device import prepare_device
 from grpo_ds.engine import (
     build_policy,
     build_reference,
@@ -25,11 +27,8 @@ from grpo_ds.engine import (
     load_sharded,
 )
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
-from grpo_ds.fused_layers import apply_fused_layers
-from grpo_ds.host_memory import active_host_allocator
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
-from grpo_ds.onednn_linear import apply_onednn_linears
 from grpo_ds.preflight import ARITHMETIC_COLUMNS, check_rewards, row_columns
 from grpo_ds.rewards import load_reward_function
 from grpo_ds.trainer import run_grpo, summary_path
@@ -96,7 +95,8 @@ def load_rewards(cfg: Config, policy_ds: dict) -> list:
     placement = cfg.deepspeed.reference_placement
     placement = "cpu_offload" if placement == "none" else placement
     return [RewardModel(spec.removeprefix(PREFIX), reference_ds_config(policy_ds, placement),
-                        cfg.train.micro_batch_size, DTYPES[cfg.model.dtype])
+                        cfg.train.micro_batch_size, DTYPES[cfg.model.dtype],
+                        cfg.model.attn_implementation)
             if spec.startswith(PREFIX) else load_reward_function(spec)
             for spec in cfg.rewards.functions]
 
@@ -113,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg: Config) -> int:
     """One rank's run: warm-up or resume, the engines, the GRPO loop, the model and summary."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    plan = validate(cfg, world)
+    validate(cfg, world)
     start = time.time()
     run_dir = Path(cfg.output.run_dir)
     resume_from, state = resume_point(cfg)
     logger = RunLogger(run_dir, rank, cfg.train.steps, cfg.output.quiet)
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    # every `auto` resolved for this accelerator; from here on cfg holds what the run uses
+    device = prepare_device(cfg, logger.print)
+    cfg = device.cfg
+    plan = validate(cfg, world)
     source, tokenizer = make_source(cfg, rank, world)
     counts = getattr(source, "counts", {})  # prompts truncated / dropped for length
     if counts:
@@ -139,9 +143,9 @@ def train(cfg: Config) -> int:
     ds = deepspeed_config(cfg, plan)
     if state is not None:
         ds = prepare_resume(resume_from, state, ds, logger.print)
-    lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype)
-    logger.print(apply_fused_layers(lm, cfg.model.fused_layers))
-    logger.print(apply_onednn_linears(lm, cfg.model.onednn_linears))
+    lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype, cfg.model.attn_implementation)
+    for line in device.prepare_model(lm):
+        logger.print(line)
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, cfg.model.gradient_checkpointing)
     checkpointer = Checkpointer(policy, checkpoint_root(cfg), cfg.checkpoint.keep_last, source,
                                 logger.print)
@@ -154,7 +158,7 @@ def train(cfg: Config) -> int:
     if cfg.grpo.beta > 0:
         reference = build_reference(model_path, ds, cfg.deepspeed.reference_placement,
                                     cfg.model.dtype, cfg.train.logprob_chunk_size,
-                                    cfg.model.fused_layers, cfg.model.onednn_linears)
+                                    device.prepare_model, cfg.model.attn_implementation)
 
     result = run_grpo(cfg, plan, policy, reference, tokenizer, source, reward_fns,
                       reward_names, logger, state, checkpointer)

@@ -83,7 +83,8 @@ def warm_start(cfg: Config, source, tokenizer, logger, reward_fn) -> tuple[str, 
     ds.pop("scheduler", None)
     engine = build_policy(lm, ds, cfg.train.logprob_chunk_size, False)
     rollout = HybridRollout(engine.module.lm, pad_token_id=tokenizer.pad_token_id,
-                            tokenizer=tokenizer, max_batch_rows=cfg.rollout.max_batch_rows)
+                            tokenizer=tokenizer, packed_weights=cfg.rollout.packed_weights,
+                            max_batch_rows=cfg.rollout.max_batch_rows)
     eval_rows = source.eval_rows()
     curve = run_warmup(engine, tokenizer, source, cfg.warmup,
                        lambda: evaluate(cfg, rollout, tokenizer, eval_rows, reward_fn,

@@ -29,7 +29,7 @@ def test_weight_matmuls_runs_each_linear_on_the_rows_of_a_call(monkeypatch):
         calls.append((module.in_features, module.out_features, x.shape[0]))
         return torch.nn.functional.linear(x, module.weight, module.bias)
 
-    monkeypatch.setattr("grpo_ds.packed_linear.linear", recording_linear)
+    monkeypatch.setattr("grpo_ds.cpu.packed_linear.linear", recording_linear)
     run, flops = weight_matmuls(model, SHAPE)
     assert run() == 6 * 3  # the tokens the call generates
     # body per row: q, k, v, o 8x8 (4 x 64) + gate, up 8x12 and down 12x8 (3 x 96) = 544 MACs,

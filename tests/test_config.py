@@ -12,6 +12,9 @@ def test_embedded_default_is_valid_and_fills_the_deepspeed_batch():
     plan = validate(cfg, world_size=2)
     # 32 prompts x 8 samples = 256 sequences; 128 per rank; micro-batches of 64 -> 2 accumulation.
     assert (plan.sequences_per_step, plan.sequences_per_rank, plan.grad_accum) == (256, 128, 2)
+    with pytest.raises(ValueError, match="resolve_config first"):  # dtype, optimizer are auto
+        deepspeed_config(cfg, plan)
+    cfg.model.dtype, cfg.train.optimizer = "float32", "torch_adamw"  # the device layer's job
     ds = deepspeed_config(cfg, plan)
     assert ds["train_batch_size"] == 64 * 2 * 2
     assert ds["train_micro_batch_size_per_gpu"] == 64 and ds["gradient_accumulation_steps"] == 2

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from grpo_ds.host_memory import find_tcmalloc
+from grpo_ds.cpu.host_memory import find_tcmalloc
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
 

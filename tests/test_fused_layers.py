@@ -16,7 +16,7 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from grpo_ds.fused_layers import (
+from grpo_ds.cpu.fused_layers import (
     FusedLinearFunction,
     RMSNormFunction,
     apply_fused_layers,

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from grpo_ds.host_memory import (
+from grpo_ds.cpu.host_memory import (
     QUIET_LARGE_ALLOCATIONS,
     HostAllocatorError,
     find_tcmalloc,
@@ -21,7 +21,7 @@ PAGES = 16384  # a 64 MiB block: above glibc's largest mmap threshold (32 MiB)
 # Allocate a block, touch it, free it; count the minor page faults of doing it again.
 PROBE = f"""
 import json, resource, torch
-from grpo_ds.host_memory import active_host_allocator
+from grpo_ds.cpu.host_memory import active_host_allocator
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.empty({PAGES} * 1024).fill_(1.0)

@@ -118,7 +118,8 @@ def test_busy_master_port_fails_fast_naming_the_port(busy_port):
 
 
 def test_tcmalloc_asked_for_and_missing_fails_before_launch(monkeypatch, capsys):
-    from grpo_ds import cli, host_memory
+    from grpo_ds import cli
+    from grpo_ds.cpu import host_memory
 
     monkeypatch.setattr(host_memory, "find_tcmalloc", lambda: None)
     monkeypatch.delenv("LD_PRELOAD", raising=False)

@@ -38,7 +38,7 @@ def start_node(node_rank: int, port: int, args: list[str], log: Path) -> subproc
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_nodes")
-    preset = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    preset = json.loads((ROOT / "grpo_ds" / "ds_configs" / "zero3.json").read_text())
     preset["csv_monitor"] = {"enabled": True, "output_path": str(tmp / "csv"), "job_name": "grpo"}
     (tmp / "ds.json").write_text(json.dumps(preset))
     args = [*TINY, f"--output.run_dir={tmp / 'run'}", f"--deepspeed.config={tmp / 'ds.json'}"]

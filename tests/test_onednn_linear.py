@@ -1,4 +1,4 @@
-"""Float32 Linears on oneDNN (grpo_ds/onednn_linear.py): values and gradients against F.linear,
+"""Float32 Linears on oneDNN (grpo_ds/cpu/onednn_linear.py): values and gradients against F.linear,
 the choices, and the hand-over with generation's packed weights."""
 
 import copy
@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_ds.fused_layers import FusedLinearFunction, fuse_decoder_layers
-from grpo_ds.onednn_linear import (
+from grpo_ds.cpu.fused_layers import FusedLinearFunction, fuse_decoder_layers
+from grpo_ds.cpu.onednn_linear import (
     OneDNNLinearFunction,
     apply_onednn_linears,
     auto_choice,
@@ -18,7 +18,7 @@ from grpo_ds.onednn_linear import (
     onednn_unsupported,
     uses_onednn,
 )
-from grpo_ds.packed_linear import is_packed, packed_linears
+from grpo_ds.cpu.packed_linear import is_packed, packed_linears
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN")]

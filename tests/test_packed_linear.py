@@ -1,10 +1,16 @@
 """Linears on weights reordered once for oneDNN (CPU generation's matmuls)."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
-from grpo_ds.packed_linear import linear, packed_linears, packing_supported
+from grpo_ds.cpu.packed_linear import linear, packed_linears, packing_supported
 from grpo_ds.rollout import HybridRollout, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,7 +39,7 @@ def test_packed_forward_matches_plain_linear(dtype, tol):
         with packed_linears(model, rows_hint=15) as copied:
             packed = model(x)
             assert linear(model[0], x).shape == (3, 5, 32)
-    assert copied == (48 * 32 + 32 * 16) * x.element_size()
+    assert copied == (48 * 32 + 32 + 32 * 16) * x.element_size()  # weights and the bias
     # bf16 results are bit-identical here; float32 differs in the last bits (summation order)
     assert torch.allclose(packed.float(), plain.float(), rtol=tol, atol=tol)
 
@@ -72,29 +78,83 @@ def test_rollout_packs_where_supported_and_on_fails_where_not():
 
 
 @needs_onednn
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])  # qwen2: q/k/v biases, partitioned too
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("rows", [4, 1100])  # a decode step, and a prefill above FUSE_MIN_ROWS
-def test_forward_never_reads_the_partitioned_linear_weights(fused, rows):
+def test_forward_never_reads_the_partitioned_linear_weights(kind, fused, rows):
     # Under ZeRO-3 the rollout partitions each Linear again once its copy is made: the forward
-    # must run on the copies alone. Emptying the weights as DeepSpeed's release does shows it.
-    from grpo_ds.fused_layers import FUSE_MIN_ROWS, fuse_decoder_layers
+    # must run on the copies alone. Emptying weights and biases as DeepSpeed's release does
+    # shows it (a bias left empty failed in oneDNN: "could not create a primitive descriptor").
+    from grpo_ds.cpu.fused_layers import FUSE_MIN_ROWS, fuse_decoder_layers
     from tests.test_rollout_engine import tiny_llama
+    from tests.tiny_models import tiny_qwen2
 
     assert (rows >= FUSE_MIN_ROWS) == (rows == 1100)
-    model = tiny_llama().eval()
+    model = (tiny_llama() if kind == "llama" else tiny_qwen2()).eval()
     if fused:
         fuse_decoder_layers(model)
     ids = torch.randint(2, 32, (1, rows))
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    params = [p for m in model.modules() if isinstance(m, nn.Linear)
+              for p in m.parameters(recurse=False)]
+    assert (kind == "qwen2") == any(p.dim() == 1 for p in params)  # biases only in Qwen2
     with torch.no_grad():
         expected = model(ids).logits
         with packed_linears(model, rows_hint=rows):
-            whole = [m.weight.data for m in linears]
-            for m in linears:
-                m.weight.data = torch.empty(0)
+            whole = [p.data for p in params]
+            for p in params:
+                p.data = torch.empty(0)
             try:
                 logits = model(ids).logits
             finally:
-                for m, w in zip(linears, whole):
-                    m.weight.data = w
+                for p, w in zip(params, whole):
+                    p.data = w
     assert torch.allclose(logits, expected, atol=1e-4)
+
+
+def zero3_qwen2_rollout(out: str) -> None:
+    """One rank: a tiny Qwen2 under real ZeRO-3 (every parameter partitioned), its rollout with
+    the full gather and packed weights against the same weights unpartitioned."""
+    import copy
+    import json
+    import os
+
+    import deepspeed
+
+    from grpo_ds.engine import init_distributed
+    from tests.test_rollout_engine import prompts
+    from tests.tiny_models import tiny_qwen2
+
+    os.environ["MASTER_PORT"] = sys.argv[3]
+    init_distributed()
+    model = tiny_qwen2()
+    plain = copy.deepcopy(model).eval()
+    engine, *_ = deepspeed.initialize(model=model, config={
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    params = SamplingParams(max_new_tokens=6)
+    ours = HybridRollout(engine.module, 0, gather="full", packed_weights="on").generate(
+        prompts(), 2, params, seed=0)
+    want = HybridRollout(plain, 0, packed_weights="on").generate(prompts(), 2, params, seed=0)
+    Path(out).write_text(json.dumps({
+        "same_tokens": ours.completion_ids.tolist() == want.completion_ids.tolist(),
+        "packed_bytes": ours.metrics["packed_weight_bytes"]}))
+
+
+@needs_onednn
+def test_qwen2_biases_generate_under_zero3_with_packed_weights(tmp_path):
+    from tests.multirank import free_port
+
+    out = tmp_path / "facts.json"
+    repo = Path(__file__).resolve().parents[1]
+    # A script run by path has tests/ on sys.path, not the repo root it imports `tests.` from.
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, __file__, "zero3", str(out), str(free_port())],
+                          check=False, capture_output=True, text=True, timeout=300, cwd=repo,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    facts = json.loads(out.read_text())
+    assert facts["same_tokens"] and facts["packed_bytes"] > 0
+
+
+if __name__ == "__main__" and sys.argv[1] == "zero3":
+    zero3_qwen2_rollout(sys.argv[2])

@@ -24,6 +24,7 @@ def rank_main(out_dir: Path) -> None:
 
     from grpo_ds.bench.common import memory_status
     from grpo_ds.config import deepspeed_config, load_config, validate
+    from grpo_ds.device import resolve_config
     from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
     from tests.tiny_models import save_causal_lm, text_tokenizer
 
@@ -31,6 +32,7 @@ def rank_main(out_dir: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(None, ["--train.prompts_per_step=2", "--rollout.group_size=2",
                              "--train.micro_batch_size=2", "--model.dtype=float32"])
+    cfg, _ = resolve_config(cfg)  # every `auto` for this accelerator, as train.py
     ds = deepspeed_config(cfg, validate(cfg, world))
     model_dir = out_dir / "model"
     if rank == 0:

@@ -43,3 +43,14 @@ def save_reward_model(path: Path, tokenizer) -> Path:
     LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_qwen2(vocab: int = 32, seed: int = 0):
+    """A random Qwen2 causal LM: q/k/v projections with biases (Llama's have none)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))

@@ -55,7 +55,7 @@ def weight_matmuls(module, shape: DecodeShape):
     """(run, flops): `run()` computes every Linear of `module` on the rows of one call (module
     docstring) with random inputs made here, outside the timing, and returns the tokens the call
     generates; `flops` is what one run computes (2 x rows x in x out per Linear)."""
-    from grpo_ds.packed_linear import linear, linear_modules
+    from grpo_ds.cpu.packed_linear import linear, linear_modules
 
     linears = linear_modules(module)
     head = module.get_output_embeddings()

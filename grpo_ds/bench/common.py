@@ -19,7 +19,7 @@ import time
 
 from grpo_ds.build_locks import build_lock_problem
 from grpo_ds.cli import free_port
-from grpo_ds.host_memory import expect_cpu_accelerator, host_allocator_env
+from grpo_ds.cpu.host_memory import expect_cpu_accelerator, host_allocator_env
 
 
 def launch_workers(module: str, ranks: int, args: list[str], timeout: float,

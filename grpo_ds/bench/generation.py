@@ -294,7 +294,7 @@ def measure_ceiling(engine, prompts, w: Workload, repeats: int) -> dict:
     KV cache bytes read at stream rate, "floor+kv": the two one after the other}."""
     from grpo_ds.bench.ceiling import kv_read_bytes, stream_reads, weight_matmuls
     from grpo_ds.bench.mfu import peak_all_ranks
-    from grpo_ds.packed_linear import packing_supported
+    from grpo_ds.cpu.packed_linear import packing_supported
     from grpo_ds.rollout.gather import full_gather, suspend_zero3_hooks
 
     module, shape = engine.module, decode_shape(w, len(prompts))

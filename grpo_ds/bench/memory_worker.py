@@ -97,6 +97,7 @@ def fill_nvme_path(ds: dict, path: str) -> dict:
 def run_config(run: Run, world: int):
     """(cfg, batch plan, filled DeepSpeed config) of a run, as grpo-ds train would make them."""
     from grpo_ds.config import deepspeed_config, load_config, validate
+    from grpo_ds.device import resolve_config
 
     cfg = load_config(None, [
         f"--train.prompts_per_step={run.prompts_per_rank * world}",
@@ -106,6 +107,8 @@ def run_config(run: Run, world: int):
         f"--model.gradient_checkpointing={run.checkpointing}",
         f"--train.logprob_chunk_size={run.chunk}", f"--deepspeed.config=ds_configs/{run.preset}.json",
         f"--deepspeed.reference_placement={run.reference}"])
+    validate(cfg, world)
+    cfg, _ = resolve_config(cfg)  # as train.py: every `auto` for this accelerator
     plan = validate(cfg, world)
     ds = fill_nvme_path(deepspeed_config(cfg, plan), run.nvme_path)
     ds["zero_optimization"].update(run.zero)
@@ -168,8 +171,8 @@ def build_engines(run: Run, ds: dict, peaks: Peaks, fused_layers: str) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
+    from grpo_ds.cpu.fused_layers import apply_fused_layers
     from grpo_ds.engine import build_policy, reference_ds_config, reference_engine
-    from grpo_ds.fused_layers import apply_fused_layers
 
     config = llama_config(run.size)
     with peaks.phase("policy_build"):
@@ -185,7 +188,8 @@ def build_engines(run: Run, ds: dict, peaks: Peaks, fused_layers: str) -> dict:
             torch.manual_seed(0)  # the policy's weights
             with deepspeed.zero.Init(config_dict_or_path=ref_ds):
                 ref_lm = LlamaForCausalLM(config)
-            reference = reference_engine(ref_lm, ref_ds, run.chunk, fused_layers)
+            reference = reference_engine(ref_lm, ref_ds, run.chunk,
+                                         lambda m: apply_fused_layers(m, fused_layers))
     return {"config": config, "policy": policy, "reference": reference,
             "reference_rss": {"before_build": before, "after_build": memory_status()["rss"]}}
 

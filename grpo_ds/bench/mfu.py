@@ -97,7 +97,7 @@ def matmul_rate(size: int, dtype: torch.dtype, seconds: float,
         out = torch.empty(size, size, dtype=dtype)
         run = lambda: torch.mm(a, b, out=out)
     else:
-        from grpo_ds.onednn_linear import onednn_linear
+        from grpo_ds.cpu.onednn_linear import onednn_linear
 
         packed = torch.ops.mkldnn._reorder_linear_weight(b, size)
         run = lambda: onednn_linear(a, packed)
@@ -113,8 +113,8 @@ def matmul_rate(size: int, dtype: torch.dtype, seconds: float,
 
 
 def peak_kernels(dtype: torch.dtype) -> tuple[str, ...]:
-    """The CPU matmul kernels timed for the peak: torch.mm, and oneDNN where this CPU runs it."""
-    from grpo_ds.packed_linear import packing_supported
+    """The matmul kernels timed for the peak: torch.mm, and oneDNN where this CPU runs it."""
+    from grpo_ds.cpu.packed_linear import packing_supported
 
     probe = torch.nn.Linear(1, 1).to(dtype)
     return ("mm",) if packing_supported(probe) else ("mm", "onednn")

@@ -13,8 +13,8 @@ with --json, one JSON object on one line with `mfu_update` and `mfu_step` among 
 --compare runs other configurations in the same invocation, each a fresh launch differing from
 the main one in one setting (ranks=1: the same workload on one rank with all the cores;
 dtype=bfloat16; allocator=system: glibc's malloc instead of tcmalloc, see host_memory.py;
-fused_layers=off: HF's decoder layers instead of grpo_ds/fused_layers.py's; onednn_linears=off:
-float32 Linears on torch's default matmuls instead of grpo_ds/onednn_linear.py's oneDNN), in
+fused_layers=off: HF's decoder layers instead of grpo_ds/cpu/fused_layers.py's; onednn_linears=off:
+float32 Linears on torch's default matmuls instead of grpo_ds/cpu/onednn_linear.py's oneDNN), in
 interleaved rounds (--rounds, default 2; each configuration's fastest step is
 kept), and reports their step times as ratios to the main configuration's: on a noisy machine a
 ratio is only meaningful between runs minutes apart. The JSON then also has "compare".
@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, replace
 
 from grpo_ds.bench.common import Clock, gather_floats, launch_workers, say
 from grpo_ds.config import FUSED_LAYER_CHOICES, ONEDNN_LINEAR_CHOICES
-from grpo_ds.host_memory import HOST_ALLOCATORS
+from grpo_ds.cpu.host_memory import HOST_ALLOCATORS
 
 
 @dataclass(frozen=True)
@@ -207,15 +207,19 @@ def setup(args, w: Workload) -> dict:
     from deepspeed import comm as dist
 
     from grpo_ds.config import deepspeed_config, load_config, validate
+    from grpo_ds.cpu.fused_layers import is_fused
+    from grpo_ds.cpu.onednn_linear import uses_onednn
+    from grpo_ds.device import Device, resolve_config
     from grpo_ds.engine import build_policy, build_reference
-    from grpo_ds.fused_layers import apply_fused_layers, is_fused
-    from grpo_ds.onednn_linear import apply_onednn_linears, uses_onednn
     from grpo_ds.rollout import HybridRollout
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(None, overrides(w, args))
     if args.chunk:
         cfg.train.logprob_chunk_size = args.chunk
+    validate(cfg, world)
+    device = Device(*resolve_config(cfg))  # as train.py: every `auto` for this accelerator
+    cfg = device.cfg
     plan = validate(cfg, world)
     ds = deepspeed_config(cfg, plan)
     tokenizer = build_tokenizer(w.vocab)
@@ -225,12 +229,11 @@ def setup(args, w: Workload) -> dict:
         lm.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     dist.barrier()
-    apply_fused_layers(lm, cfg.model.fused_layers)
-    apply_onednn_linears(lm, cfg.model.onednn_linears)
+    device.prepare_model(lm)
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, gradient_checkpointing=False)
     reference = build_reference(model_dir, ds, cfg.deepspeed.reference_placement, cfg.model.dtype,
-                                cfg.train.logprob_chunk_size, cfg.model.fused_layers,
-                                cfg.model.onednn_linears)
+                                cfg.train.logprob_chunk_size, device.prepare_model,
+                                cfg.model.attn_implementation)
     rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                             gather=cfg.rollout.gather, tokenizer=tokenizer)
     g = torch.Generator().manual_seed(1000 + rank)
@@ -337,8 +340,8 @@ def worker(args) -> None:
     from deepspeed.accelerator import get_accelerator
 
     from grpo_ds.bench.mfu import peak_all_ranks
+    from grpo_ds.cpu.host_memory import active_host_allocator
     from grpo_ds.engine import init_distributed
-    from grpo_ds.host_memory import active_host_allocator
     from grpo_ds.metrics import peak_memory_metrics
     from grpo_ds.model import DTYPES
 

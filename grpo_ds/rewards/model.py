@@ -46,12 +46,13 @@ def check_classifier(path: str) -> None:
 
 class RewardModel:
     def __init__(self, path: str, ds_config: dict, micro_batch_size: int = 16,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
         check_classifier(path)
         self.__name__ = f"reward_model:{Path(path).name}"
         self.micro_batch_size = micro_batch_size
         live = HfDeepSpeedConfig(ds_config)  # weakly referenced by transformers while loading
-        model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=dtype, attn_implementation=attn_implementation)
         del live
         model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path)

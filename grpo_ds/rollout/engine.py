@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from grpo_ds.config import PACKED_WEIGHT_CHOICES
+from grpo_ds.cpu.packed_linear import packing_supported
 from grpo_ds.model_spec import generation_row_bytes, llama_spec
-from grpo_ds.packed_linear import packing_supported
 from grpo_ds.rollout.attention import shared_prefix_attention
 from grpo_ds.rollout.backend import ReadsLiveWeights, RolloutOutput, SamplingParams, left_pad
 from grpo_ds.rollout.cache import make_cache

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from grpo_ds.packed_linear import packed_linears
+from grpo_ds.cpu.packed_linear import packed_linears
 from grpo_ds.rollout.gather import GroupGatherer, gathered_bytes, plan_layers_per_group
 
 LAYERED_MODEL_TYPES = ("llama", "mistral", "qwen2")

@@ -103,7 +103,7 @@ def full_gather(model: nn.Module, timings: dict, pack_rows: int | None = None) -
     Yields the bytes of the reordered copies (0 without pack_rows). Adds the all-gather time to
     timings["gather_seconds"].
     """
-    from grpo_ds.packed_linear import linear_modules, packed_linears
+    from grpo_ds.cpu.packed_linear import linear_modules, packed_linears
 
     params = [p for p in model.parameters() if is_zero3_param(p)]
     linears = linear_modules(model) if pack_rows is not None else []

@@ -12,10 +12,11 @@ from deepspeed.utils import safe_get_full_grad
 
 from grpo_ds.batch import RolloutBatch
 from grpo_ds.config import deepspeed_config, load_config, validate
+from grpo_ds.cpu.fused_layers import apply_fused_layers
+from grpo_ds.cpu.onednn_linear import apply_onednn_linears
+from grpo_ds.device import resolve_config
 from grpo_ds.engine import build_policy, finish_rank, init_distributed
-from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.onednn_linear import apply_onednn_linears
 from grpo_ds.trainer import micro_batch_loss, step_counts
 
 SEQUENCES, PROMPT, COMPLETION, VOCAB = 16, 5, 7, 17
@@ -42,6 +43,7 @@ def step_gradient(aggregation: str, micro: int, world: int, rank: int, layers: s
                              f"--train.micro_batch_size={micro}", "--grpo.beta=0.1",
                              f"--grpo.loss_aggregation={aggregation}",
                              f"--rollout.max_new_tokens={COMPLETION}"])
+    cfg, _ = resolve_config(cfg)  # every `auto` for this accelerator, as train.py
     plan = validate(cfg, world)
     lm = build_tiny_llama(VOCAB, 32, 2, 4, 32, {"pad_token_id": 0}, seed=0)
     apply_fused_layers(lm, layers)

@@ -13,6 +13,10 @@ import torch
 
 from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import deepspeed_config, load_config, validate
+from grpo_ds.cpu import apply_kernels
+from grpo_ds.cpu.fused_layers import apply_fused_layers
+from grpo_ds.cpu.onednn_linear import apply_onednn_linears
+from grpo_ds.device import resolve_config
 from grpo_ds.engine import (
     build_policy,
     build_reference,
@@ -20,10 +24,8 @@ from grpo_ds.engine import (
     init_distributed,
     load_sharded,
 )
-from grpo_ds.fused_layers import apply_fused_layers
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.onednn_linear import apply_onednn_linears
 from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
 from grpo_ds.trainer import run_grpo
 
@@ -50,6 +52,7 @@ def main() -> None:
                              "--grpo.beta=0.1", "--train.lr=0.01", "--output.save_model=false",
                              # 4 prompts x G=8 a rank, 2 groups a pass: the rollout in 2 passes
                              "--rollout.max_batch_rows=16"])
+    cfg, _ = resolve_config(cfg)  # every `auto` for this accelerator, as train.py
     plan = validate(cfg, world)
     tokenizer = build_tokenizer()
     model_dir = out_dir / "init_model"
@@ -64,7 +67,8 @@ def main() -> None:
     apply_fused_layers(lm, "on")  # fused layers with activation checkpointing under ZeRO-3
     apply_onednn_linears(lm, "on")
     policy = build_policy(lm, ds, 64, gradient_checkpointing=True)
-    reference = build_reference(str(model_dir), ds, "cpu_offload", "float32", 64, "on", "on")
+    reference = build_reference(str(model_dir), ds, "cpu_offload", "float32", 64,
+                                lambda m: apply_kernels(m, "on", "on"))
     policy_before, reference_before = full_params(policy), full_params(reference)
     task = ArithmeticTask(digits=2, eval_size=32)
     source = ArithmeticSource(task, cfg.train.prompts_per_step, rank, world, seed=0)

@@ -28,8 +28,8 @@ import torch
 from deepspeed import comm as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from grpo_ds.cpu.fused_layers import fuse_decoder_layers
 from grpo_ds.engine import finish_rank, init_distributed
-from grpo_ds.fused_layers import fuse_decoder_layers
 from grpo_ds.rollout import HybridRollout, SamplingParams
 from grpo_ds.rollout.gather import gathered_bytes
 

@@ -11,6 +11,7 @@ import torch
 
 from grpo_ds.batch import RolloutBatch, left_pad, right_pad
 from grpo_ds.config import deepspeed_config, load_config, validate
+from grpo_ds.device import resolve_config
 from grpo_ds.engine import build_policy, finish_rank, init_distributed
 from grpo_ds.model import build_tiny_llama
 from grpo_ds.trainer import forward_logprobs, update
@@ -41,6 +42,7 @@ def main() -> None:
     cfg = load_config(None, ["--train.prompts_per_step=2", "--rollout.group_size=8",
                              "--train.micro_batch_size=2", "--grpo.beta=0.1",
                              "--grpo.num_iterations=2", "--rollout.max_new_tokens=16"])
+    cfg, _ = resolve_config(cfg)  # every `auto` for this accelerator, as train.py
     plan = validate(cfg, world)
     lm = build_tiny_llama(VOCAB, 32, 2, 4, 64, {}, seed=0)
     engine = build_policy(lm, deepspeed_config(cfg, plan), chunk_size=4,

@@ -137,4 +137,4 @@ def apply_onednn_linears(model: nn.Module, choice: str) -> str:
         setattr(m, _FLAG, True)
         m.forward = types.MethodType(onednn_forward, m)
     return (f"Linear matmuls: oneDNN forward and input gradient ({len(linears)} Linears, "
-            f"grpo_ds/onednn_linear.py)")
+            f"grpo_ds/cpu/onednn_linear.py)")

@@ -26,7 +26,8 @@ import glob
 import os
 import sys
 
-HOST_ALLOCATORS = ("auto", "tcmalloc", "system")
+from grpo_ds.config import HOST_ALLOCATORS  # config names the choices
+
 INSTALL_HINT = ("apt install libgoogle-perftools4, dnf install gperftools-libs, or conda install "
                 "gperftools")
 # tcmalloc reports every allocation over 1 GiB on stderr; a 7B model's shards are bigger than that

@@ -30,8 +30,8 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from grpo_ds.config import FUSED_LAYER_CHOICES
-from grpo_ds.onednn_linear import forward_product, input_grad, uses_onednn, weight_grad
-from grpo_ds.packed_linear import is_packed, linear
+from grpo_ds.cpu.onednn_linear import forward_product, input_grad, uses_onednn, weight_grad
+from grpo_ds.cpu.packed_linear import is_packed, linear
 
 FUSED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -236,4 +236,4 @@ def apply_fused_layers(model: nn.Module, choice: str) -> str:
     if reason and choice == "auto":
         return f"decoder layers: HF's ({reason}; model.fused_layers=auto)"
     layers = fuse_decoder_layers(model)  # raises with the reason when choice is "on" and it cannot
-    return f"decoder layers: fused ({len(layers)} layers, grpo_ds/fused_layers.py)"
+    return f"decoder layers: fused ({len(layers)} layers, grpo_ds/cpu/fused_layers.py)"

@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import nn
 
-from grpo_ds.onednn_linear import forward_product, no_cpu_onednn, onednn_linear, uses_onednn
+from grpo_ds.cpu.onednn_linear import forward_product, no_cpu_onednn, onednn_linear, uses_onednn
 
 _PACKED = "_grpo_packed_weight"
 
@@ -47,11 +47,13 @@ def is_packed(module: nn.Linear) -> bool:
 
 
 def linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """module(x), on the reordered weight while `packed_linears` holds one for it."""
+    """module(x), on the reordered weight (and the bias copied with it) while `packed_linears`
+    holds them."""
     packed = getattr(module, _PACKED, None)
     if packed is None:
         return forward_product(x, module.weight, module.bias, uses_onednn(module))
-    return onednn_linear(x, packed, module.bias)
+    weight, bias = packed
+    return onednn_linear(x, weight, bias)
 
 
 def linear_modules(model: nn.Module) -> list[nn.Linear]:
@@ -66,7 +68,10 @@ def packed_linears(model: nn.Module, rows_hint: int, hold=None) -> Iterator[int]
     expected rows per call (oneDNN picks the layout for it; other row counts work too).
     `hold(i)`, if given, is a context that makes the i-th Linear's (of `linear_modules`) weight
     whole while it is reordered: ZeRO-3 can gather it and partition it again right after, the
-    copy standing in for the gathered weight. Yields the bytes of the copies.
+    copy standing in for the gathered weight. The bias is copied too: ZeRO-3 partitions it
+    with the weight, and oneDNN rejects the empty tensor a partitioned bias leaves behind (the
+    "could not create a primitive descriptor" of Qwen2's q/k/v biases). Yields the bytes of the
+    copies.
     """
     linears = linear_modules(model)
     own_forwards = {m: m.__dict__["forward"] for m in linears if "forward" in m.__dict__}
@@ -74,10 +79,11 @@ def packed_linears(model: nn.Module, rows_hint: int, hold=None) -> Iterator[int]
         for i, m in enumerate(linears):
             with hold(i) if hold is not None else nullcontext():
                 packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows_hint)
-            setattr(m, _PACKED, packed)
+                bias = None if m.bias is None else m.bias.detach().clone()
+            setattr(m, _PACKED, (packed, bias))
             m.forward = types.MethodType(linear, m)
-        yield sum(getattr(m, _PACKED).numel() * getattr(m, _PACKED).element_size()
-                  for m in linears)
+        yield sum(t.numel() * t.element_size() for m in linears for t in getattr(m, _PACKED)
+                  if t is not None)
     finally:
         for m in linears:
             m.__dict__.pop(_PACKED, None)
