@@ -1,6 +1,4 @@
-"""Outcome reward for math problems: 1.0 when a completion's final answer equals the reference.
-
-The job is split in three pure steps, each tested on its own:
+"""Where a written answer is and what number it is: the regex half of `math_answer`.
 
 1. `extract_final_answer(text)` finds the answer a person or a model wrote, trying these forms in
    order (the first form present wins):
@@ -17,21 +15,17 @@ The job is split in three pure steps, each tested on its own:
    (`50%` is 50: GSM8K asks "what percent" and expects the bare number), `5.00`, `+7`, `−3`
    (unicode minus), `.5`, simple fractions (`3/4`, `\\frac{3}{4}`), LaTeX wrappers (`$...$`,
    `\\text{...}` units) and surrounding spaces.
-3. `answers_match(predicted, reference)` compares the two exactly as fractions. When either side
-   is not a plain number (`x+1`, `\\sqrt{2}/2`), it falls back to sympy if sympy is importable.
-   sympy is NOT a dependency of grpo-ds (torch usually installs it): without it the symbolic
-   fallback is skipped and non-numeric answers score 0.
+3. `reference_answer(reference)`: the text after a GSM8K solution's last `####`, else the content
+   of the last `\\boxed{}`, else all of it.
 
-The reference (the `answer` column) is a bare value or a full GSM8K solution; for the latter the
-text after the last `####` is the reference value.
+Everything here is pure and fast (regexes and fractions); grpo_ds/rewards/math_answer.py
+compares two plain numbers with these alone and hands every other answer to Math-Verify.
 """
 
 from __future__ import annotations
 
 import re
 from fractions import Fraction
-
-from grpo_ds.rewards.symbolic import symbolic_equal
 
 # One written number, found anywhere in text. A leading sign counts only when it is not glued to
 # a previous term, so in "10-5" the number is 5, not -5.
@@ -67,28 +61,49 @@ _LATEX_NOISE_RE = re.compile(
 
 def extract_final_answer(text: str) -> str | None:
     """The final answer written in `text` (a string: "42", "$1,234", "3/4", "x+1"), or None."""
+    return final_answer(text)[0]
+
+
+def final_answer(text: str) -> tuple[str | None, str]:
+    """(the final answer or None, the form it was found in: "####", "boxed", "stated", "A:",
+    "last number", or "" when there is none). The last number is a guess; the others are marked."""
     if not text:
-        return None
+        return None, ""
     tags = _ANSWER_TAG_RE.findall(text)
     if tags and tags[-1].strip():
         text = tags[-1]
     if "####" in text:
-        return _answer_in_segment(text.split("####", 2)[1].split("\n", 1)[0], prose=False)
+        return _answer_in_segment(text.split("####", 2)[1].split("\n", 1)[0], prose=False), "####"
     boxed = _last_boxed(text)
     if boxed is not None:
-        return _answer_in_segment(boxed, prose=False)
-    stated = _ANSWER_IS_RE.search(text)
-    if stated:
-        answer = _answer_in_segment(text[stated.end() :].split("\n", 1)[0], prose=True)
+        return _answer_in_segment(boxed, prose=False), "boxed"
+    line = stated_line(text)
+    if line is not None:
+        answer = _answer_in_segment(line, prose=True)
         if answer is not None:
-            return answer
+            return answer, "stated"
     for line in reversed(_A_COLON_RE.findall(text)):
         # "A:" also opens a whole worked solution in few-shot prompts; only "A: 42" is an answer.
         first = _NUMBER_RE.match(line.strip())
         if first:
-            return first.group(0).strip()
+            return first.group(0).strip(), "A:"
     numbers = _NUMBER_RE.findall(text)
-    return numbers[-1].strip() if numbers else None
+    return (numbers[-1].strip(), "last number") if numbers else (None, "")
+
+
+def stated_line(text: str) -> str | None:
+    """The rest of the line after the first "the answer is" / "answer:" marker, or None.
+
+    "Final Answer: The final answer is $28$." has two markers on one line: the last one counts.
+    """
+    stated = _ANSWER_IS_RE.search(text)
+    if not stated:
+        return None
+    line = text[stated.end() :].split("\n", 1)[0]
+    again = _ANSWER_IS_RE.search(line)
+    if again and len(line[: again.start()]) <= 30 and not re.search(r"\d", line[: again.start()]):
+        line = line[again.end() :]  # a second marker right after the first, not "5, not 6"
+    return line
 
 
 def _last_boxed(text: str) -> str | None:
@@ -108,7 +123,7 @@ def _answer_in_segment(segment: str, *, prose: bool) -> str | None:
     """The answer inside the text after a marker: "72 clips." -> "72", "x+1" -> "x+1".
 
     After "the answer is" prose may follow ("72, since 48 + 24 = 72"), so only the first clause
-    is read. An answer that looks like algebra is kept whole for symbolic comparison; otherwise
+    is read. An answer that looks like algebra is kept whole (Math-Verify compares it); otherwise
     the first number is the answer and the rest is units or explanation.
     """
     cleaned = _strip_wrappers(segment)
@@ -139,7 +154,7 @@ def _looks_like_expression(text: str, first: re.Match | None, *, prose: bool) ->
 def _strip_wrappers(text: str) -> str:
     """Remove markup around a value: spaces, **bold**, $...$ / \\(...\\), a final period."""
     text = _LATEX_NOISE_RE.sub("", text).strip()
-    text = text.replace("\\$", "$").replace("\\%", "%")
+    text = text.replace("\\$", "$").replace("\\%", "%").replace("{,}", ",")  # 14{,}916
     for _ in range(3):  # wrappers nest, e.g. **$42$**.
         before = text
         text = text.strip().rstrip(".;,!").strip()
@@ -208,32 +223,10 @@ def _decimal_value(body: str) -> Fraction | None:
 
 
 def reference_answer(reference: str) -> str:
-    """A reference's value: the text after a GSM8K solution's last `####`, else all of it."""
+    """A reference's value: the text after a GSM8K solution's last `####`, else the content of a
+    MATH solution's last `\\boxed{}`, else all of it."""
     reference = str(reference)
     if "####" in reference:
-        reference = reference.rsplit("####", 1)[1]
-    return reference.strip()
-
-
-def answers_match(predicted: str | None, reference: str) -> bool:
-    """Whether a predicted answer equals the reference, as numbers or (with sympy) symbolically."""
-    if predicted is None:
-        return False
-    predicted_value, reference_value = normalize_number(predicted), normalize_number(reference)
-    if predicted_value is not None and reference_value is not None:
-        return predicted_value == reference_value
-    return symbolic_equal(_strip_wrappers(predicted), _strip_wrappers(reference))
-
-
-def math_answer(
-    prompts: list[str], completions: list[str], answer: list[str], **kwargs
-) -> list[float]:
-    """1.0 per completion whose final answer equals its reference (`answer` column), else 0.0."""
-    if len(answer) != len(completions):
-        raise ValueError(
-            f"math_answer: got {len(completions)} completions but {len(answer)} answers"
-        )
-    return [
-        1.0 if answers_match(extract_final_answer(completion), reference_answer(ref)) else 0.0
-        for completion, ref in zip(completions, answer)
-    ]
+        return reference.rsplit("####", 1)[1].strip()
+    boxed = _last_boxed(reference)
+    return (reference if boxed is None else boxed).strip()
