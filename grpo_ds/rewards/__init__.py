@@ -6,8 +6,11 @@ Dataset columns arrive as keyword lists aligned with `completions` (the trainer 
 prompt's columns G times), together with `completion_ids` (token ids per completion, no padding).
 Unknown keywords must be accepted through `**kwargs`.
 
-- math_answer.py: `math_answer` (1.0 when the final answer equals the reference), and the pure
-  helpers `extract_final_answer`, `normalize_number`, `answers_match`.
+- math_answer.py: `math_answer` (1.0 when the final answer equals the reference: plain numbers
+  exactly, anything else by Math-Verify in a pool of worker processes, math_verify_grading.py
+  and grading_pool.py), `make_math_answer(workers, timeout_s)`; answer_extraction.py holds the
+  pure helpers `extract_final_answer`, `normalize_number`, `reference_answer`.
+- failure.py: `FailedReward`, a 0.0 reward that counts as an error (a grader timeout).
 - format.py: `format_reward(pattern)`, `overlong_penalty(max_completion_tokens, cache_tokens)`.
 - loading.py: `load_reward_function(spec)` for built-in names, `module:fn` and `file.py:fn`.
 - compute.py: `compute_rewards(...)` -> rewards_per_func [N, F] with NaN for None, plus stats.
@@ -22,6 +25,7 @@ collectively), so it pads the local batch count to the maximum over ranks.
 """
 
 from grpo_ds.rewards.compute import RewardError, compute_rewards
+from grpo_ds.rewards.failure import FailedReward
 from grpo_ds.rewards.format import THINK_ANSWER_PATTERN, format_reward, overlong_penalty
 from grpo_ds.rewards.loading import (
     BUILTIN_REWARDS,
@@ -32,6 +36,7 @@ from grpo_ds.rewards.loading import (
 from grpo_ds.rewards.math_answer import (
     answers_match,
     extract_final_answer,
+    make_math_answer,
     math_answer,
     normalize_number,
     reference_answer,
@@ -40,6 +45,7 @@ from grpo_ds.rewards.math_answer import (
 __all__ = [
     "BUILTIN_REWARDS",
     "THINK_ANSWER_PATTERN",
+    "FailedReward",
     "RewardError",
     "RewardSpecError",
     "answers_match",
@@ -48,6 +54,7 @@ __all__ = [
     "extract_final_answer",
     "format_reward",
     "load_reward_function",
+    "make_math_answer",
     "math_answer",
     "normalize_number",
     "overlong_penalty",
