@@ -173,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|latest|PATH",
                        help="resume from a checkpoint (alone: auto, the latest if there is one)")
     sub.add_parser("plan", help="per-rank memory plan before launch", add_help=False)
-    bench = sub.add_parser("bench", help="benchmarks: generation, step, memory")
-    bench.add_argument("which", choices=["generation", "step", "memory"])
+    bench = sub.add_parser("bench", help="benchmarks: generation, step, memory, grading")
+    bench.add_argument("which", choices=["generation", "step", "memory", "grading"])
     sub.add_parser("export", help="checkpoint -> Hugging Face model directory", add_help=False)
     sub.add_parser("plot", help="PNG of a run's main curves", add_help=False)
     args, extra = parser.parse_known_args(argv)

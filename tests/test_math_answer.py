@@ -1,12 +1,12 @@
 """math_answer: answer extraction, number normalisation, and every GSM8K reference solution.
 
+Math-Verify's side (LaTeX, sets, timeouts, the worker pool) is tested in test_math_verify.py.
 The GSM8K tests run on the shipped 64-row sample (always) and on the full 7473-row train file
 when the repository sits next to /work/shared (../shared/data/gsm8k/train.jsonl); otherwise that
 case is skipped with the reason.
 """
 
 import json
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -53,17 +53,17 @@ def test_every_gsm8k_reference_scores_itself_and_not_a_perturbed_answer(which):
     # The sample includes answers with thousands separators ("1,200"): check it really does.
     assert any("," in v for v in values)
 
-    assert math_answer([""] * len(rows), references, references) == [1.0] * len(rows)
+    assert math_answer(completions=references, answer=references) == [1.0] * len(rows)
     stated = [f"The answer is {v}" for v in values]
-    assert math_answer([""] * len(rows), stated, references) == [1.0] * len(rows)
+    assert math_answer(completions=stated, answer=references) == [1.0] * len(rows)
 
     plus_one, other_digit = zip(*(_perturbed(v) for v in values))
     solutions = [ref.rsplit("####", 1)[0] for ref in references]
     wrong_by_one = [f"{s}#### {p}" for s, p in zip(solutions, plus_one)]
     wrong_digit = [f"{s}#### {d}" for s, d in zip(solutions, other_digit)]
     assert all(normalize_number(d) != normalize_number(v) for d, v in zip(other_digit, values))
-    assert math_answer([""] * len(rows), wrong_by_one, references) == [0.0] * len(rows)
-    assert math_answer([""] * len(rows), wrong_digit, references) == [0.0] * len(rows)
+    assert math_answer(completions=wrong_by_one, answer=references) == [0.0] * len(rows)
+    assert math_answer(completions=wrong_digit, answer=references) == [0.0] * len(rows)
 
 
 def test_perturbation_helper_changes_the_value():
@@ -205,42 +205,24 @@ def test_reference_answer_takes_text_after_the_last_hashes():
 def test_math_answer_scores_and_checks_lengths():
     completions = ["#### 72", "The answer is 7", "\\boxed{0.5}", "nothing"]
     answers = ["blah\n#### 72", "8", "1/2", "3"]
-    assert math_answer(["p"] * 4, completions, answers, extra_column=[1, 2, 3, 4]) == [
-        1.0,
-        0.0,
-        1.0,
-        0.0,
-    ]
+    # TRL's keyword call: prompts and unknown columns arrive as keywords too.
+    rewards = math_answer(prompts=["p"] * 4, completions=completions, answer=answers,
+                          extra_column=[1, 2, 3, 4])
+    assert rewards == [1.0, 0.0, 1.0, 0.0]
     with pytest.raises(ValueError, match="4 completions but 3 answers"):
-        math_answer(["p"] * 4, completions, answers[:3])
+        math_answer(completions=completions, answer=answers[:3])
 
 
-# ---------------------------------------------------------------------------------------------
-# optional sympy
+def test_conversational_completions_are_read_from_their_last_message():
+    completions = [[{"role": "assistant", "content": "So $\\boxed{\\frac13}$."}],
+                   [{"role": "assistant", "content": "The answer is 4."}]]
+    assert math_answer(completions=completions, answer=["\\frac{1}{3}", "5"]) == [1.0, 0.0]
 
 
-def test_symbolic_equivalence_with_sympy():
-    pytest.importorskip("sympy")
+def test_answers_match_beyond_numbers():
     assert answers_match("\\sqrt{4}", "2")
     assert answers_match("2(x+1)", "2x+2")
-    assert answers_match("\\frac{\\sqrt{2}}{2}", "1/sqrt(2)")
+    assert answers_match("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}")
     assert not answers_match("x+1", "x+2")
     assert not answers_match("x", "y")
-    assert not answers_match("1/0", "1")  # 1/0 is not a number, even for sympy
-    assert math_answer([""], ["The answer is 2\\sqrt{2}."], ["\\sqrt{8}"]) == [1.0]
-
-
-def test_unsafe_or_explosive_answers_are_not_parsed():
-    pytest.importorskip("sympy")
-    # sympy's parser runs eval and 9^9^9 never finishes: both are refused, quickly, as "no match".
-    assert not answers_match("__import__('os').system('true')", "0")
-    assert not answers_match("9^9^9", "1")
-    assert not answers_match("((9^99)^99)^99", "1")
-
-
-def test_without_sympy_numbers_still_work(monkeypatch):
-    # sys.modules[name] = None makes `import sympy` raise ImportError, as if it were not installed.
-    monkeypatch.setitem(sys.modules, "sympy", None)
-    assert answers_match("0.75", "3/4")
-    assert not answers_match("\\sqrt{4}", "2")  # needs sympy: skipped, scores 0
-    assert math_answer([""] * 2, ["#### 72", "\\boxed{2x+2}"], ["72", "2(x+1)"]) == [1.0, 0.0]
+    assert not answers_match("__import__('os').system('true')", "0")  # never evaluated

@@ -9,8 +9,11 @@ times), `completion_ids` holds the token ids per completion (no padding), and `t
 For conversational data, prompts are message lists and each completion is
 `[{"role": "assistant", "content": ...}]`. `async def` functions are awaited.
 
-- math_answer.py: `math_answer` (1.0 when the final answer equals the reference), and the pure
-  helpers `extract_final_answer`, `normalize_number`, `answers_match`.
+- math_answer.py: `math_answer` (1.0 when the final answer equals the reference: plain numbers
+  exactly, anything else by Math-Verify in a pool of worker processes, math_verify_grading.py
+  and grading_pool.py), `make_math_answer(workers, timeout_s)`; answer_extraction.py holds the
+  pure helpers `extract_final_answer`, `normalize_number`, `reference_answer`.
+- failure.py: `FailedReward`, a 0.0 reward that counts as an error (a grader timeout).
 - format.py: `format_reward(pattern)`, `overlong_penalty(max_completion_tokens, cache_tokens)`.
 - loading.py: `load_reward_function(spec)` for built-in names, `module:fn` and `file.py:fn`;
   `check_reward_columns` (a function's parameters against the dataset's columns, before launch).
@@ -18,13 +21,9 @@ For conversational data, prompts are message lists and each completion is
   `call_reward` (one keyword call, awaited if async); `trainer_state`.
 - conversation.py: `completion_text` (a string or a message list -> text), `reads_text`.
 
-Not here yet: reward MODELS. The expected interface is a callable object with the same contract,
-so `compute_rewards` treats it like any function: `RewardModel(engine, tokenizer, template)`
-wrapping a sequence classifier in a frozen DeepSpeed engine placed like the reference model,
-whose `__call__(prompts=, completions=, **kwargs) -> list[float]` tokenises prompt + completion,
-runs in micro-batches under torch.no_grad, and returns the score logit per completion. Under ZeRO-3
-every rank must call it with the same number of micro-batches (the forward gathers parameters
-collectively), so it pads the local batch count to the maximum over ranks.
+- model.py: `RewardModel`, a frozen sequence classifier as a reward function (`model:PATH`),
+  placed like the reference; under ZeRO-3 every rank runs the same number of its micro-batches
+  (the forward gathers parameters collectively).
 """
 
 from grpo_ds.rewards.compute import (
@@ -35,6 +34,7 @@ from grpo_ds.rewards.compute import (
     trainer_state,
 )
 from grpo_ds.rewards.conversation import completion_text, reads_text
+from grpo_ds.rewards.failure import FailedReward
 from grpo_ds.rewards.format import THINK_ANSWER_PATTERN, format_reward, overlong_penalty
 from grpo_ds.rewards.loading import (
     BUILTIN_REWARDS,
@@ -45,6 +45,7 @@ from grpo_ds.rewards.loading import (
 from grpo_ds.rewards.math_answer import (
     answers_match,
     extract_final_answer,
+    make_math_answer,
     math_answer,
     normalize_number,
     reference_answer,
@@ -54,6 +55,7 @@ __all__ = [
     "BUILTIN_REWARDS",
     "RESERVED_KEYWORDS",
     "THINK_ANSWER_PATTERN",
+    "FailedReward",
     "RewardError",
     "RewardSpecError",
     "answers_match",
@@ -64,6 +66,7 @@ __all__ = [
     "extract_final_answer",
     "format_reward",
     "load_reward_function",
+    "make_math_answer",
     "math_answer",
     "normalize_number",
     "overlong_penalty",

@@ -15,7 +15,9 @@ NaN already means None here.
 When a function raises on the batch, it is called again one sample at a time to find the sample
 that fails (so side effects in a reward function can run twice). With on_error="raise" the error
 names the function and that sample; with on_error="skip" failing samples get None and are
-counted in `rewards/{name}/errors`.
+counted in `rewards/{name}/errors`. A function may also report a sample it could not score (a
+grader timeout) by returning `FailedReward()` for it: that counts as its value (0.0) and as an
+error, whatever on_error says.
 
 Weighting, summing and group normalisation happen in grpo_ds/advantages.py, not here.
 """
@@ -30,6 +32,8 @@ import numbers
 from collections.abc import Callable, Sequence
 
 import torch
+
+from grpo_ds.rewards.failure import FailedReward
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,7 @@ def compute_rewards(
         rewards_per_func[:, j] = torch.tensor(
             [math.nan if v is None else v for v in values], dtype=torch.float32
         )
+        num_errors += sum(isinstance(v, FailedReward) for v in values)
         stats[f"rewards/{name}/errors"] = float(num_errors)
         present = [v for v in values if v is not None]
         if present:
@@ -222,7 +227,8 @@ def _validated(raw, name: str, expected: int, *, first_index: int) -> list[float
                 f"reward function {name!r} returned {_shown(value)} ({type(value).__name__}) "
                 f"for sample {first_index + offset}; expected a finite float, a bool or None"
             )
-        values.append(float(value))  # bool is an Integral, so True -> 1.0
+        # bool is an Integral, so True -> 1.0; a FailedReward stays marked, to be counted.
+        values.append(value if isinstance(value, FailedReward) else float(value))
     return values
 
 

@@ -1,239 +1,131 @@
 """Outcome reward for math problems: 1.0 when a completion's final answer equals the reference.
 
-The job is split in three pure steps, each tested on its own:
+`math_answer(completions=..., answer=..., **kwargs)` is called as TRL calls reward functions (by
+keyword; `prompts` and other columns land in **kwargs). `answer` is the reference column: a value
+(`72`, `\\frac{1}{3}`, `(6,31,-1)`, `\\text{Evelyn}`, `C`), or a full solution ending in
+`#### N` (GSM8K) or containing `\\boxed{...}` (MATH). Each sample is graded in two tiers:
 
-1. `extract_final_answer(text)` finds the answer a person or a model wrote, trying these forms in
-   order (the first form present wins):
-     `<answer>...</answer>` tags (the rest of the search runs inside the last pair),
-     `#### 42` (GSM8K),  `\\boxed{42}` (nested braces allowed),
-     `The answer is 42` / `Final answer: 42` / `answer = 42`,  a line `A: 42`,
-     and otherwise the last number in the text.
-   For `####` and "the answer is" the FIRST occurrence counts: a base model prompted with
-   "Question: ...\\nAnswer:" often runs on into a made-up next question and answers that too
-   (lm-evaluation-harness's GSM8K filters also take the first match). For `\\boxed{}` the last
-   one counts, as in MATH graders.
-2. `normalize_number(text)` turns a written number into an exact `fractions.Fraction`, or None:
-   thousands separators (`1,234`, `1 234`), currency (`$5`, `-$5`, `€5`, `£`, `¥`), a percent sign
-   (`50%` is 50: GSM8K asks "what percent" and expects the bare number), `5.00`, `+7`, `−3`
-   (unicode minus), `.5`, simple fractions (`3/4`, `\\frac{3}{4}`), LaTeX wrappers (`$...$`,
-   `\\text{...}` units) and surrounding spaces.
-3. `answers_match(predicted, reference)` compares the two exactly as fractions. When either side
-   is not a plain number (`x+1`, `\\sqrt{2}/2`), it falls back to sympy if sympy is importable.
-   sympy is NOT a dependency of grpo-ds (torch usually installs it): without it the symbolic
-   fallback is skipped and non-numeric answers score 0.
+1. When the completion's final answer (`extract_final_answer`) and the reference's value are both
+   plain numbers, they are compared exactly as fractions, here, in microseconds: 1,234 =
+   1234.00 = $1,234; 3/4 = 0.75; 50% = 50 (GSM8K's "what percent" wants the bare number). This
+   is how GSM8K was always graded, so its rewards are unchanged.
+2. Anything else (LaTeX, sets, tuples, intervals, equations, `\\text{}` answers, units, multiple
+   choice) goes to Hugging Face's Math-Verify (math_verify_grading.py), run in a small pool of
+   worker processes (grading_pool.py) so that long outputs are graded in parallel, off the
+   rank's own thread, each sample under a hard timeout.
 
-The reference (the `answer` column) is a bare value or a full GSM8K solution; for the latter the
-text after the last `####` is the reference value.
+A sample whose grading times out (or crashes its worker) scores `FailedReward()`: 0.0 in the
+reward, and one error in `rewards/math_answer/errors`. The pool (2 workers, 5 s per sample) starts
+on the first sample that needs it and is reused for the rest of the run; `make_math_answer` builds
+a reward with other settings, for a user's own `file.py:function` spec.
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from fractions import Fraction
+from collections.abc import Callable
 
-from grpo_ds.rewards.symbolic import symbolic_equal
-
-# One written number, found anywhere in text. A leading sign counts only when it is not glued to
-# a previous term, so in "10-5" the number is 5, not -5.
-_NUMBER_PATTERN = r"""
-    (?<![\w.])
-    (?: [-+\u2212] \s? )?  (?: [$€£¥] \s? )?  [-\u2212]?
-    (?:
-        \\[dt]?frac\{ \s* \d+ (?:\.\d+)? \s* \} \{ \s* \d+ (?:\.\d+)? \s* \}
-      | (?: \d{1,3} (?: ,\d{3} )+ (?![\d]) | \d+ ) (?: \.\d+ )? (?: \s? / \s? \d+ (?:\.\d+)? )?
-      | \.\d+
-    )
-    (?: \s? \\?% )?
-"""
-_NUMBER_RE = re.compile(_NUMBER_PATTERN, re.VERBOSE)
-
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
-_BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_IS_RE = re.compile(r"\banswer\b\**[ \t]*(?:is\b[ \t]*:?|:|=)\**", re.IGNORECASE)
-_CLAUSE_END_RE = re.compile(r"[.;,!?](?=\s|$)|\s(?:because|since|as|so|which)\b", re.IGNORECASE)
-# A one-letter variable glued to a digit or next to an operator: "2x", "x+1", "y = 3".
-_ALGEBRA_RE = re.compile(
-    r"(?<![A-Za-z])[A-Za-z](?![A-Za-z])(?=\s*[-+*/^=)]|\d)"  # x+1, x2
-    r"|(?<=[-+*/^=(])\s*[A-Za-z](?![A-Za-z])"  # 1+x, (x
-    r"|(?<=\d)[A-Za-z](?![A-Za-z])"  # 2x (but not "5 m", a unit)
+from grpo_ds.rewards.answer_extraction import (  # noqa: F401 (extract_final_answer: re-exported)
+    extract_final_answer,
+    final_answer,
+    normalize_number,
+    reference_answer,
 )
-_A_COLON_RE = re.compile(r"^[ \t]*A[ \t]*:[ \t]*([^\n]*)", re.MULTILINE)
+from grpo_ds.rewards.failure import FailedReward
+from grpo_ds.rewards.grading_pool import GradingPool, TaskFailed
 
-# Layout that carries no value: LaTeX spacing, \text{...} units, \left/\right, degree signs.
-_LATEX_NOISE_RE = re.compile(
-    r"\\(?:text|mathrm|textbf|mbox)\s*\{[^{}]*\}|\\[,;:! ]|\\(?:left|right)\b|\^\s*\{?\\circ\}?"
+logger = logging.getLogger(__name__)
+
+_LATEX_RE = re.compile(r"\\[A-Za-z(\[]")  # \frac, \(, \[
+# Decimal commas (0,111  2,74  1000,99), 4-digit groups, spaced thousands (1 000).
+_AMBIGUOUS_NUMBER_RE = re.compile(
+    r"(?<![\d,.])0,\d|\d,\d{1,2}(?![\d])|\d{4,},\d|\d,\d{4,}"
+    r"|(?<![\d,.])\d{1,3}(?: \d{3})+(?![\d,.])"
 )
+_VERIFY_TARGET = "grpo_ds.rewards.math_verify_grading:verify_answer"
+_SHOWN_CHARS = 120
 
 
-def extract_final_answer(text: str) -> str | None:
-    """The final answer written in `text` (a string: "42", "$1,234", "3/4", "x+1"), or None."""
-    if not text:
-        return None
-    tags = _ANSWER_TAG_RE.findall(text)
-    if tags and tags[-1].strip():
-        text = tags[-1]
-    if "####" in text:
-        return _answer_in_segment(text.split("####", 2)[1].split("\n", 1)[0], prose=False)
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return _answer_in_segment(boxed, prose=False)
-    stated = _ANSWER_IS_RE.search(text)
-    if stated:
-        answer = _answer_in_segment(text[stated.end() :].split("\n", 1)[0], prose=True)
-        if answer is not None:
-            return answer
-    for line in reversed(_A_COLON_RE.findall(text)):
-        # "A:" also opens a whole worked solution in few-shot prompts; only "A: 42" is an answer.
-        first = _NUMBER_RE.match(line.strip())
-        if first:
-            return first.group(0).strip()
-    numbers = _NUMBER_RE.findall(text)
-    return numbers[-1].strip() if numbers else None
+def _completion_text(completion) -> str:
+    """A completion as text: TRL's conversational form is a list of messages, the last one ours."""
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
 
 
-def _last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}`, with nested braces (`\\boxed{\\frac{1}{2}}`)."""
-    starts = [m.end() for m in _BOXED_RE.finditer(text)]
-    if not starts:
-        return None
-    depth, start = 1, starts[-1]
-    for pos in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[pos], 0)
-        if depth == 0:
-            return text[start:pos]
-    return text[start:]  # unclosed: the model ran out of tokens; take what is there
+def numbers_match(completion: str, reference) -> bool | None:
+    """Tier 1: True/False when both final answers are plain numbers, None to ask Math-Verify.
 
-
-def _answer_in_segment(segment: str, *, prose: bool) -> str | None:
-    """The answer inside the text after a marker: "72 clips." -> "72", "x+1" -> "x+1".
-
-    After "the answer is" prose may follow ("72, since 48 + 24 = 72"), so only the first clause
-    is read. An answer that looks like algebra is kept whole for symbolic comparison; otherwise
-    the first number is the answer and the rest is units or explanation.
+    Math-Verify decides instead when the completion's number is only its last one and the text
+    is LaTeX (`$\\frac{1+\\sqrt{5}}{2}$` ends in 2, but its answer is not 2), or when a number
+    could be read two ways (`0,111`, `2,74`, `1 000`: decimal commas, spaced thousands).
     """
-    cleaned = _strip_wrappers(segment)
-    if prose:
-        cleaned = _strip_wrappers(_CLAUSE_END_RE.split(cleaned, maxsplit=1)[0])
-    if not cleaned:
+    answer, form = final_answer(completion)
+    if form == "last number" and _LATEX_RE.search(completion):
         return None
-    if normalize_number(cleaned) is not None:
-        return cleaned
-    first = _NUMBER_RE.search(cleaned)
-    if _looks_like_expression(cleaned, first, prose=prose):
-        return cleaned
-    return first.group(0).strip() if first else None
-
-
-def _looks_like_expression(text: str, first: re.Match | None, *, prose: bool) -> bool:
-    """ "x+1", "2x", "2\\sqrt{2}" are algebra; "72 clips", "3 and 4", "5 m" are number and words."""
-    if re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", "", text)):
-        return False  # words (LaTeX commands aside): prose around a number
-    if first is None or "\\" in text or _ALGEBRA_RE.search(text):
-        return True
-    if prose:
-        return False  # "72 (48 + 24)": the working shown after the answer
-    rest = text[: first.start()] + text[first.end() :]
-    return bool(re.search(r"[\d+\-*/^=]", rest))  # "#### 5 - 3": not one number, keep it whole
-
-
-def _strip_wrappers(text: str) -> str:
-    """Remove markup around a value: spaces, **bold**, $...$ / \\(...\\), a final period."""
-    text = _LATEX_NOISE_RE.sub("", text).strip()
-    text = text.replace("\\$", "$").replace("\\%", "%")
-    for _ in range(3):  # wrappers nest, e.g. **$42$**.
-        before = text
-        text = text.strip().rstrip(".;,!").strip()
-        text = re.sub(r"^\*\*(.*)\*\*$", r"\1", text)
-        text = re.sub(r"^\\\((.*)\\\)$", r"\1", text)
-        text = re.sub(r"^\\\[(.*)\\\]$", r"\1", text)
-        if len(text) > 1 and text.startswith("$") and text.endswith("$"):
-            text = text.strip("$")
-        if text == before:
-            break
-    return text.strip()
-
-
-_PLAIN_NUMBER_RE = re.compile(
-    r"""^(?: \d{1,3} (?: ,\d{3} )+ | \d{1,3} (?: [ \u202f\u00a0]\d{3} )+ | \d+ )? (?: \.\d+ )?$""",
-    re.VERBOSE,
-)
-_FRACTION_RE = re.compile(r"^(.+?)\s*/\s*(.+)$")
-_LATEX_FRAC_RE = re.compile(r"^\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}$")
-
-
-def normalize_number(text: str | None) -> Fraction | None:
-    """The exact value of a written number ("$1,234.00" -> Fraction(1234)), or None."""
-    if text is None:
+    value = reference_answer(reference)
+    if _AMBIGUOUS_NUMBER_RE.search(value) or _AMBIGUOUS_NUMBER_RE.search(completion[-200:]):
         return None
-    body = _strip_wrappers(text)
-    negative = False
-    # Sign and currency come in either order: "-$5", "$-5", "- 5", "+7".
-    while body and body[0] in "-+\u2212$€£¥ ":
-        if body[0] in "-\u2212":
-            negative = not negative
-        body = body[1:]
-    body = body.strip()
-    body = body.rstrip("$€£¥ ")  # "5 €"
-    if body.endswith("%"):
-        body = body[:-1].rstrip()
-    value = _unsigned_value(body)
-    if value is None:
+    predicted, expected = normalize_number(answer), normalize_number(value)
+    if predicted is None or expected is None:
         return None
-    return -value if negative else value
-
-
-def _unsigned_value(body: str) -> Fraction | None:
-    """Value of "1,234.5", "3/4" or "\\frac{3}{4}" (no sign, no currency), or None."""
-    frac = _LATEX_FRAC_RE.match(body) or _FRACTION_RE.match(body)
-    if frac:
-        numerator, denominator = (_part_value(part.strip()) for part in frac.groups())
-        if numerator is None or not denominator:  # also refuses a zero denominator
-            return None
-        return numerator / denominator
-    return _decimal_value(body)
-
-
-def _part_value(part: str) -> Fraction | None:
-    """Numerator or denominator of a fraction: a decimal with an optional minus ("-3" in -3/4)."""
-    if part[:1] in ("-", "\u2212"):
-        value = _decimal_value(part[1:].strip())
-        return None if value is None else -value
-    return _decimal_value(part)
-
-
-def _decimal_value(body: str) -> Fraction | None:
-    if not body or body == "." or not _PLAIN_NUMBER_RE.match(body):
-        return None
-    return Fraction(re.sub(r"[, \u202f\u00a0]", "", body))
-
-
-def reference_answer(reference: str) -> str:
-    """A reference's value: the text after a GSM8K solution's last `####`, else all of it."""
-    reference = str(reference)
-    if "####" in reference:
-        reference = reference.rsplit("####", 1)[1]
-    return reference.strip()
+    return predicted == expected
 
 
 def answers_match(predicted: str | None, reference: str) -> bool:
-    """Whether a predicted answer equals the reference, as numbers or (with sympy) symbolically."""
+    """Whether an answer string equals the reference: as numbers, else by Math-Verify.
+
+    Runs in this process under Math-Verify's own SIGALRM timeouts (main thread only); the reward
+    uses the worker pool instead.
+    """
     if predicted is None:
         return False
     predicted_value, reference_value = normalize_number(predicted), normalize_number(reference)
     if predicted_value is not None and reference_value is not None:
         return predicted_value == reference_value
-    return symbolic_equal(_strip_wrappers(predicted), _strip_wrappers(reference))
+    from grpo_ds.rewards.math_verify_grading import verify_answer
+
+    return verify_answer(predicted, reference)
 
 
-def math_answer(
-    prompts: list[str], completions: list[str], answer: list[str], **kwargs
-) -> list[float]:
-    """1.0 per completion whose final answer equals its reference (`answer` column), else 0.0."""
-    if len(answer) != len(completions):
-        raise ValueError(
-            f"math_answer: got {len(completions)} completions but {len(answer)} answers"
-        )
-    return [
-        1.0 if answers_match(extract_final_answer(completion), reference_answer(ref)) else 0.0
-        for completion, ref in zip(completions, answer)
-    ]
+def make_math_answer(workers: int = 2, timeout_s: float = 5.0) -> Callable[..., list[float]]:
+    """A `math_answer` reward with its own pool: `workers` processes, `timeout_s` per sample."""
+    pool = GradingPool(_VERIFY_TARGET, workers=workers, timeout_s=timeout_s)
+
+    def math_answer(completions: list, answer: list, **kwargs) -> list[float]:
+        """1.0 per completion whose final answer equals its reference (`answer` column), else 0.0;
+        FailedReward (0.0, counted as an error) where grading timed out."""
+        if len(answer) != len(completions):
+            raise ValueError(
+                f"math_answer: got {len(completions)} completions but {len(answer)} answers"
+            )
+        texts = [_completion_text(c) for c in completions]
+        rewards: list[float] = []
+        to_verify: list[int] = []
+        for i, (text, reference) in enumerate(zip(texts, answer)):
+            matched = numbers_match(text, reference)
+            rewards.append(0.0 if matched is None else float(matched))
+            if matched is None:
+                to_verify.append(i)
+        if to_verify:
+            # A null timeout: Math-Verify's SIGALRM is off in the workers; the pool kills instead.
+            verdicts = pool.map([[texts[i], str(answer[i]), None] for i in to_verify])
+            for i, verdict in zip(to_verify, verdicts):
+                rewards[i] = _reward(verdict, texts[i])
+        return rewards
+
+    math_answer.__qualname__ = "math_answer"  # how logs and errors name it
+    math_answer.pool = pool  # for the benchmark and tests; the same pool serves every call
+    return math_answer
+
+
+def _reward(verdict, text: str) -> float:
+    if isinstance(verdict, TaskFailed):
+        logger.warning("math_answer: grading failed (%s), scored 0 and counted as an error: %r",
+                       verdict.reason, text[:_SHOWN_CHARS])
+        return FailedReward(0.0, verdict.reason)
+    return 1.0 if verdict else 0.0
+
+
+math_answer = make_math_answer()
