@@ -156,7 +156,25 @@ class GRPOConfig:
     epsilon_high: float | None = None
     """Upper clip range (DAPO clip-higher); None means epsilon_low."""
     loss_aggregation: str = "grpo"
-    """`grpo` (per-sequence mean), `token_mean` (DAPO/BNPO) or `dr_grpo`."""
+    """`grpo` (per-sequence mean), `token_mean` (DAPO), `dr_grpo`, or `bnpo` (TRL's: the mean of
+    each micro-batch's token mean; depends on train.micro_batch_size and the rank count)."""
+    policy_loss: str = "clip"
+    """Per-token objective: `clip` (PPO/GRPO clipped surrogate) or `cispo` (MiniMax-M1:
+    -sg[clip(ratio)] * A * log pi, every token keeps a gradient; the clip range is
+    [1 - epsilon_low, 1 + epsilon_high], MiniMax uses no lower bound: epsilon_low=1)."""
+    ratio_level: str = "token"
+    """Importance ratio: `token` (GRPO), `sequence` (GSPO: exp of the length-normalised sum of
+    log-ratios, clipped per sequence; use epsilons near 3e-4/4e-4) or `sequence_token`
+    (GSPO-token: the sequence ratio's value, each token's own gradient)."""
+    clip_ratio_c: float | None = None
+    """Dual clip (verl, Ye et al. 2019): for A < 0 the loss is capped at clip_ratio_c * |A|, so a
+    ratio above it no longer pushes. Must be > 1 (verl uses 3); None = off; `clip` only."""
+    importance_sampling: str = "none"
+    """Rollout correction by the detached ratio pi_old(trainer) / pi(sampler) of the sampled
+    log-probs: `none`, `token_truncate` (TIS), `token_mask` (MIS), `sequence_truncate`,
+    `sequence_mask` (sequence = product over tokens); multiplies the policy term, not the KL."""
+    importance_sampling_cap: float = 2.0
+    """C for `importance_sampling`: truncate modes use min(ratio, C), mask modes zero ratios > C."""
     scale_rewards: str = "group"
     """Advantage std scaling: `group`, `batch` or `none` (Dr. GRPO)."""
     num_iterations: int = 1
@@ -362,7 +380,11 @@ CHOICES = {
     "rollout.gather": ("auto", "full", "layers"),
     "rollout.packed_weights": PACKED_WEIGHT_CHOICES,
     "grpo.kl_estimator": ("k1", "k2", "k3"),
-    "grpo.loss_aggregation": ("grpo", "token_mean", "dr_grpo"),
+    "grpo.loss_aggregation": ("grpo", "token_mean", "dr_grpo", "bnpo"),
+    "grpo.policy_loss": ("clip", "cispo"),
+    "grpo.ratio_level": ("token", "sequence", "sequence_token"),
+    "grpo.importance_sampling": ("none", "token_truncate", "token_mask", "sequence_truncate",
+                                 "sequence_mask"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.std": ("sample", "population"),
     "deepspeed.reference_placement": ("cpu_offload", "sharded", "none"),
@@ -441,6 +463,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError(f"grpo.beta={cfg.grpo.beta}: must be >= 0")
     if cfg.grpo.epsilon_low < 0 or (cfg.grpo.epsilon_high or 0) < 0:
         raise ConfigError("grpo.epsilon_low / grpo.epsilon_high: must be >= 0")
+    _validate_loss_variant(cfg.grpo)
     if cfg.grpo.beta > 0 and cfg.deepspeed.reference_placement == "none":
         raise ConfigError(
             f"deepspeed.reference_placement='none' needs grpo.beta=0 (got {cfg.grpo.beta}): "
@@ -473,6 +496,17 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError("model.path: required when task.name='dataset' (a local HF model dir)")
     load_ds_preset(cfg.deepspeed.config)
     return batch_plan(cfg, world_size)
+
+
+def _validate_loss_variant(g: GRPOConfig) -> None:
+    if g.clip_ratio_c is not None and not g.clip_ratio_c > 1:
+        raise ConfigError(f"grpo.clip_ratio_c={g.clip_ratio_c}: must be > 1 (it caps the ratio "
+                          "for negative advantages; verl uses 3), or none")
+    if g.clip_ratio_c is not None and g.policy_loss != "clip":
+        raise ConfigError(f"grpo.clip_ratio_c={g.clip_ratio_c}: dual clip applies to "
+                          f"grpo.policy_loss=clip only, got {g.policy_loss!r}")
+    if not g.importance_sampling_cap >= 1:
+        raise ConfigError(f"grpo.importance_sampling_cap={g.importance_sampling_cap}: must be >= 1")
 
 
 def load_ds_preset(path: str) -> dict:

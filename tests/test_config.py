@@ -46,6 +46,11 @@ def test_yaml_and_dotted_overrides(tmp_path):
      "deepspeed.host_allocator='jemalloc': must be one of auto, tcmalloc, system"),
     ("--rewards.weights=[1,2]", "rewards.weights has 2 entries but rewards.functions has 1"),
     ("--rollout.packed_weights=yes", "rollout.packed_weights='yes': must be one of auto, on, off"),
+    ("--grpo.ratio_level=seq", "grpo.ratio_level='seq': must be one of token, sequence,"),
+    ("--grpo.policy_loss=ppo", "grpo.policy_loss='ppo': must be one of clip, cispo"),
+    ("--grpo.importance_sampling=tis", "grpo.importance_sampling='tis': must be one of none,"),
+    ("--grpo.clip_ratio_c=0.9", "grpo.clip_ratio_c=0.9: must be > 1"),
+    ("--grpo.importance_sampling_cap=0.5", "grpo.importance_sampling_cap=0.5: must be >= 1"),
 ])
 def test_invalid_values_name_the_field_and_value(override, message):
     with pytest.raises(ConfigError) as err:
@@ -83,3 +88,10 @@ def test_onednn_linears_on_needs_float32_before_launch():
     with pytest.raises(ConfigError, match="model.onednn_linears='fast': must be one of"):
         validate(load_config(None, ["--model.onednn_linears=fast"]), 2)
     validate(load_config(None, ["--model.onednn_linears=auto", "--model.dtype=bfloat16"]), 2)
+
+
+def test_dual_clip_needs_the_clipped_surrogate():
+    cfg = load_config(None, ["--grpo.clip_ratio_c=3", "--grpo.policy_loss=cispo"])
+    with pytest.raises(ConfigError, match="grpo.clip_ratio_c=3.0: dual clip applies to "
+                                          "grpo.policy_loss=clip only"):
+        validate(cfg, world_size=2)
