@@ -133,6 +133,20 @@ class RolloutConfig:
     """Nucleus sampling mass (1.0 = off)."""
     top_k: int = 0
     """Keep the k most likely tokens (0 = off)."""
+    min_new_tokens: int = 0
+    """No completion ends before this many tokens: EOS is not drawn and stop strings are not
+    checked until then (HF's min_new_tokens, vLLM's min_tokens). Training and evaluation."""
+    ignore_eos: bool = False
+    """EOS does not end a completion (it may still be sampled): every completion runs to
+    max_new_tokens unless a stop string ends it (vLLM's ignore_eos). Training and evaluation."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings, matched on the decoded text across token boundaries: a completion ends with
+    the token that completes the first one, and its mask and log-probs end there too (as TRL and
+    vLLM's token ids). YAML list, or `--rollout.stop='["\\n\\n", "Question:"]'`."""
+    repetition_penalty: float = 1.0
+    """HF / vLLM repetition penalty on tokens already in the prompt or completion (> 1
+    discourages them; 1.0 = off, at no cost). Changes the draw only: the log-probs stay the
+    policy's, so with it on the samples are off-policy."""
     gather: str = "auto"
     """Weight gathering for generation: `auto` (from the budget), `full` or `layers`."""
     memory_budget_gb: float | None = None
@@ -456,6 +470,14 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError(f"rollout.top_p={cfg.rollout.top_p}: must be in (0, 1]")
     if cfg.rollout.top_k < 0:
         raise ConfigError(f"rollout.top_k={cfg.rollout.top_k}: must be >= 0")
+    if not 0 <= cfg.rollout.min_new_tokens <= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"rollout.min_new_tokens={cfg.rollout.min_new_tokens}: must be in "
+                          f"[0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
+    if not cfg.rollout.repetition_penalty > 0:
+        raise ConfigError(f"rollout.repetition_penalty={cfg.rollout.repetition_penalty}: "
+                          "must be > 0 (1.0 = off)")
+    if any(not s for s in cfg.rollout.stop):
+        raise ConfigError(f"rollout.stop={cfg.rollout.stop!r}: stop strings must not be empty")
     for dotted in ("checkpoint.save_every", "checkpoint.keep_last"):
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)}: must be >= 0")

@@ -50,12 +50,17 @@ def process_reward_fn(spec: str):
 
 
 def sampling_params(cfg: Config, tokenizer, greedy: bool = False) -> SamplingParams:
+    """Training and evaluation sample alike but for greedy's temperature, top-p and top-k."""
+    r = cfg.rollout
     return SamplingParams(
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=0.0 if greedy else cfg.rollout.temperature,
-        top_p=1.0 if greedy else cfg.rollout.top_p,
-        top_k=0 if greedy else cfg.rollout.top_k,
-        stop_token_ids=(tokenizer.eos_token_id,),
+        max_new_tokens=r.max_new_tokens,
+        temperature=0.0 if greedy else r.temperature,
+        top_p=1.0 if greedy else r.top_p,
+        top_k=0 if greedy else r.top_k,
+        stop_token_ids=() if r.ignore_eos else (tokenizer.eos_token_id,),
+        stop_strings=tuple(r.stop),
+        min_new_tokens=r.min_new_tokens,
+        repetition_penalty=r.repetition_penalty,
     )
 
 
