@@ -155,6 +155,20 @@ class RolloutConfig:
     backend: str = "hybrid"
     """Generation engine: `hybrid` (HybridRollout over the live ZeRO-3 policy). The contract a
     colocated engine such as vLLM would implement: grpo_ds/rollout/backend.py."""
+    min_new_tokens: int = 0
+    """No completion ends before this many tokens: EOS is not drawn and stop strings are not
+    checked until then (HF's min_new_tokens, vLLM's min_tokens). Training and evaluation."""
+    ignore_eos: bool = False
+    """EOS does not end a completion (it may still be sampled): every completion runs to
+    max_new_tokens unless a stop string ends it (vLLM's ignore_eos). Training and evaluation."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings, matched on the decoded text across token boundaries: a completion ends with
+    the token that completes the first one, and its mask and log-probs end there too (as TRL and
+    vLLM's token ids). YAML list, or `--rollout.stop='["\\n\\n", "Question:"]'`."""
+    repetition_penalty: float = 1.0
+    """HF / vLLM repetition penalty on tokens already in the prompt or completion (> 1
+    discourages them; 1.0 = off, at no cost). Changes the draw only: the log-probs stay the
+    policy's, so with it on the samples are off-policy."""
     gather: str = "auto"
     """Weight gathering for generation: `auto` (from the budget), `full` or `layers`."""
     memory_budget_gb: float | None = None
@@ -184,7 +198,25 @@ class GRPOConfig:
     epsilon_high: float | None = None
     """Upper clip range (DAPO clip-higher); None means epsilon_low."""
     loss_aggregation: str = "grpo"
-    """`grpo` (per-sequence mean), `token_mean` (DAPO/BNPO) or `dr_grpo`."""
+    """`grpo` (per-sequence mean), `token_mean` (DAPO), `dr_grpo`, or `bnpo` (TRL's: the mean of
+    each micro-batch's token mean; depends on train.micro_batch_size and the rank count)."""
+    policy_loss: str = "clip"
+    """Per-token objective: `clip` (PPO/GRPO clipped surrogate) or `cispo` (MiniMax-M1:
+    -sg[clip(ratio)] * A * log pi, every token keeps a gradient; the clip range is
+    [1 - epsilon_low, 1 + epsilon_high], MiniMax uses no lower bound: epsilon_low=1)."""
+    ratio_level: str = "token"
+    """Importance ratio: `token` (GRPO), `sequence` (GSPO: exp of the length-normalised sum of
+    log-ratios, clipped per sequence; use epsilons near 3e-4/4e-4) or `sequence_token`
+    (GSPO-token: the sequence ratio's value, each token's own gradient)."""
+    clip_ratio_c: float | None = None
+    """Dual clip (verl, Ye et al. 2019): for A < 0 the loss is capped at clip_ratio_c * |A|, so a
+    ratio above it no longer pushes. Must be > 1 (verl uses 3); None = off; `clip` only."""
+    importance_sampling: str = "none"
+    """Rollout correction by the detached ratio pi_old(trainer) / pi(sampler) of the sampled
+    log-probs: `none`, `token_truncate` (TIS), `token_mask` (MIS), `sequence_truncate`,
+    `sequence_mask` (sequence = product over tokens); multiplies the policy term, not the KL."""
+    importance_sampling_cap: float = 2.0
+    """C for `importance_sampling`: truncate modes use min(ratio, C), mask modes zero ratios > C."""
     scale_rewards: str = "group"
     """Advantage std scaling: `group`, `batch` or `none` (Dr. GRPO)."""
     num_iterations: int = 1
@@ -408,7 +440,11 @@ CHOICES = {
     "rollout.gather": ("auto", "full", "layers"),
     "rollout.packed_weights": PACKED_WEIGHT_CHOICES,
     "grpo.kl_estimator": ("k1", "k2", "k3"),
-    "grpo.loss_aggregation": ("grpo", "token_mean", "dr_grpo"),
+    "grpo.loss_aggregation": ("grpo", "token_mean", "dr_grpo", "bnpo"),
+    "grpo.policy_loss": ("clip", "cispo"),
+    "grpo.ratio_level": ("token", "sequence", "sequence_token"),
+    "grpo.importance_sampling": ("none", "token_truncate", "token_mask", "sequence_truncate",
+                                 "sequence_mask"),
     "grpo.scale_rewards": ("group", "batch", "none"),
     "grpo.std": ("sample", "population"),
     "deepspeed.reference_placement": ("cpu_offload", "sharded", "none"),
@@ -484,6 +520,14 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     if rows is not None and rows < cfg.rollout.group_size:
         raise ConfigError(f"rollout.max_batch_rows={rows}: must be at least rollout.group_size="
                           f"{cfg.rollout.group_size} (a generation pass holds whole groups)")
+    if not 0 <= cfg.rollout.min_new_tokens <= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"rollout.min_new_tokens={cfg.rollout.min_new_tokens}: must be in "
+                          f"[0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
+    if not cfg.rollout.repetition_penalty > 0:
+        raise ConfigError(f"rollout.repetition_penalty={cfg.rollout.repetition_penalty}: "
+                          "must be > 0 (1.0 = off)")
+    if any(not s for s in cfg.rollout.stop):
+        raise ConfigError(f"rollout.stop={cfg.rollout.stop!r}: stop strings must not be empty")
     for dotted in ("checkpoint.save_every", "checkpoint.keep_last"):
         if _get(cfg, dotted) < 0:
             raise ConfigError(f"{dotted}={_get(cfg, dotted)}: must be >= 0")
@@ -495,6 +539,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError(f"grpo.beta={cfg.grpo.beta}: must be >= 0")
     if cfg.grpo.epsilon_low < 0 or (cfg.grpo.epsilon_high or 0) < 0:
         raise ConfigError("grpo.epsilon_low / grpo.epsilon_high: must be >= 0")
+    _validate_loss_variant(cfg.grpo)
     if cfg.grpo.beta > 0 and cfg.deepspeed.reference_placement == "none":
         raise ConfigError(
             f"deepspeed.reference_placement='none' needs grpo.beta=0 (got {cfg.grpo.beta}): "
@@ -533,6 +578,17 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
         raise ConfigError("model.path: required when task.name='dataset' (a local HF model dir)")
     load_ds_preset(cfg.deepspeed.config)
     return batch_plan(cfg, world_size)
+
+
+def _validate_loss_variant(g: GRPOConfig) -> None:
+    if g.clip_ratio_c is not None and not g.clip_ratio_c > 1:
+        raise ConfigError(f"grpo.clip_ratio_c={g.clip_ratio_c}: must be > 1 (it caps the ratio "
+                          "for negative advantages; verl uses 3), or none")
+    if g.clip_ratio_c is not None and g.policy_loss != "clip":
+        raise ConfigError(f"grpo.clip_ratio_c={g.clip_ratio_c}: dual clip applies to "
+                          f"grpo.policy_loss=clip only, got {g.policy_loss!r}")
+    if not g.importance_sampling_cap >= 1:
+        raise ConfigError(f"grpo.importance_sampling_cap={g.importance_sampling_cap}: must be >= 1")
 
 
 def load_ds_preset(path: str) -> dict:

@@ -11,12 +11,18 @@ KL estimators (Schulman, "Approximating KL divergence"), with log_r = ref_logpro
     k2 = 0.5 * log_r**2          biased, >= 0
     k3 = exp(log_r) - log_r - 1  unbiased, >= 0 (the paper's choice and our default)
 
+The surrogate above is the default variant. GSPO's sequence-level ratio, CISPO, dual clip and the
+TIS/MIS rollout correction are in loss_variants.py, with their formulas and papers.
+
 Aggregation over the tokens of ONE optimizer step (all ranks, all accumulation micro-batches):
     "grpo"        1/num_sequences * sum_i (1/|o_i| sum_t loss_t)       (paper: 1/G sum_i 1/|o_i| sum_t)
-    "token_mean"  1/num_tokens * sum_{i,t} loss_t                      (DAPO; "bnpo" is an alias)
+    "token_mean"  1/num_tokens * sum_{i,t} loss_t                      (DAPO; TRL's "dapo")
     "dr_grpo"     1/(num_sequences * max_completion_length) * sum_{i,t} loss_t   (Dr. GRPO)
+    "bnpo"        1/num_micro_batches * sum_b (1/tokens_b sum_{(i,t) in b} loss_t)   (TRL's "bnpo")
 A call sees one micro-batch but divides by the step's GLOBAL counts, so summing the returned losses
-over micro-batches and ranks gives the step's loss, however the step was split.
+over micro-batches and ranks gives the step's loss, however the step was split. "bnpo" alone is a
+mean of per-micro-batch token means, as TRL defines it: it DOES depend on the split
+(train.micro_batch_size, ranks); token_mean is its split-invariant form.
 
 With mu = 1 (old_logprobs=None) rho is exactly 1 in value but still carries the gradient, so the
 loss value of group-normalised advantages is 0 while its gradient is not ("loss is 0" is expected).
@@ -29,6 +35,14 @@ from collections.abc import Iterable
 
 import torch
 
+from grpo_ds.loss_variants import (
+    check_variant_args,
+    clip_flags,
+    importance_log_ratio,
+    policy_token_loss,
+    rollout_correction,
+)
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
 AGGREGATIONS = ("grpo", "token_mean", "bnpo", "dr_grpo")
 
@@ -37,17 +51,23 @@ AGGREGATIONS = ("grpo", "token_mean", "bnpo", "dr_grpo")
 # for that token) over inf/NaN reaching the optimizer. Inside the range k3 is exact.
 K3_LOG_RATIO_LIMIT = 20.0
 
-# Token-mean metrics: mean key -> the summed key it is computed from (divided by "token_count").
+# Mean metrics: mean key -> (the summed key, the summed count it is divided by).
+_IS = "importance_sampling"
 _MEAN_OF_SUM = {
-    "kl": "kl/sum",
-    "entropy": "entropy/sum",
-    "clip_ratio/low_mean": "clip_ratio/low_sum",
-    "clip_ratio/high_mean": "clip_ratio/high_sum",
-    "clip_ratio/region_mean": "clip_ratio/region_sum",
-    "ratio/mean": "ratio/sum",
-    "advantage/mean": "advantage/sum",
+    "kl": ("kl/sum", "token_count"),
+    "entropy": ("entropy/sum", "token_count"),
+    "clip_ratio/low_mean": ("clip_ratio/low_sum", "token_count"),
+    "clip_ratio/high_mean": ("clip_ratio/high_sum", "token_count"),
+    "clip_ratio/region_mean": ("clip_ratio/region_sum", "token_count"),
+    "clip_ratio/dual_mean": ("clip_ratio/dual_sum", "token_count"),
+    "ratio/mean": ("ratio/sum", "token_count"),
+    "advantage/mean": ("advantage/sum", "token_count"),
+    f"{_IS}/ratio_mean": (f"{_IS}/ratio_sum", f"{_IS}/count"),
+    f"{_IS}/weight_mean": (f"{_IS}/weight_sum", f"{_IS}/count"),
+    f"{_IS}/capped_fraction": (f"{_IS}/capped_sum", f"{_IS}/count"),
 }
-_SUMMED = ("loss", "token_count", "sequence_count", "advantage/sq_sum", *_MEAN_OF_SUM.values())
+_SUMMED = ("loss", "token_count", "sequence_count", "advantage/sq_sum", f"{_IS}/count",
+           *(sum_key for sum_key, _ in _MEAN_OF_SUM.values()))
 
 
 def per_token_kl(
@@ -84,8 +104,15 @@ def grpo_loss(
     aggregation: str = "grpo",
     num_sequences: int | None = None,
     num_tokens: int | None = None,
+    num_micro_batches: int | None = None,
     max_completion_length: int | None = None,
     entropy: torch.Tensor | None = None,
+    policy_loss: str = "clip",
+    ratio_level: str = "token",
+    clip_ratio_c: float | None = None,
+    sampled_logprobs: torch.Tensor | None = None,
+    importance_sampling: str = "none",
+    importance_sampling_cap: float = 2.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO loss of one micro-batch, scaled as its share of the whole optimizer step.
 
@@ -99,14 +126,22 @@ def grpo_loss(
         ignored, even NaN/inf, and sequences with no tokens add 0 (no NaN).
     num_sequences, num_tokens: GLOBAL counts of the optimizer step (all ranks and micro-batches;
         python numbers). None means this call is the whole step (use this call's N / mask.sum()).
+    num_micro_batches: micro-batches in the step, all ranks ("bnpo" only; None = 1).
     max_completion_length: the constant length normaliser of "dr_grpo" (required for it).
     entropy [N, T] or None: per-token entropy, only for the "entropy" metric.
+    policy_loss ("clip" | "cispo"), ratio_level ("token" | "sequence" | "sequence_token"),
+        clip_ratio_c (dual clip; None = off): the variants of loss_variants.py.
+    sampled_logprobs [N, T] or None: the sampler's log-probs, for importance_sampling (TIS/MIS:
+        "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask") with the
+        cap importance_sampling_cap. The weight multiplies the policy term, not the KL term.
 
     Returns (loss: 0-dim tensor, metrics: dict of python floats, see `_loss_metrics`).
     """
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
     _check_args(policy_logprobs, advantages, completion_mask, ref_logprobs, beta, kl_estimator,
                 aggregation, max_completion_length, epsilon_low, epsilon_high)
+    check_variant_args(policy_loss, ratio_level, clip_ratio_c, importance_sampling,
+                       importance_sampling_cap, sampled_logprobs)
     mask = completion_mask.bool()
     dtype = torch.promote_types(policy_logprobs.dtype, torch.float32)
 
@@ -119,9 +154,15 @@ def grpo_loss(
     adv = advantages.detach().to(dtype)
     adv = valid(adv[:, None].expand_as(policy) if adv.dim() == 1 else adv)
 
-    ratio = torch.exp(policy - old)  # [N, T]; exactly 1 in value when old is None
-    clipped = ratio.clamp(1.0 - epsilon_low, 1.0 + epsilon_high)
-    per_token = -torch.minimum(ratio * adv, clipped * adv)
+    # [N, T], or [N, 1] at the sequence level; exactly 1 in value when old is None
+    ratio = torch.exp(importance_log_ratio(policy, old, mask, ratio_level))
+    per_token = policy_token_loss(ratio, policy, adv, policy_loss, epsilon_low, epsilon_high,
+                                  clip_ratio_c)
+    is_sums = None
+    if importance_sampling != "none":
+        weight, is_sums = rollout_correction(old.detach(), valid(sampled_logprobs), mask,
+                                             importance_sampling, importance_sampling_cap)
+        per_token = per_token * weight
     kl = None
     if ref_logprobs is not None:
         kl = per_token_kl(policy, valid(ref_logprobs), kl_estimator)
@@ -130,41 +171,47 @@ def grpo_loss(
     per_token = torch.where(mask, per_token, 0.0)
 
     loss = _aggregate(per_token, mask, aggregation, num_sequences, num_tokens,
-                      max_completion_length)
-    metrics = _loss_metrics(loss, ratio, adv, mask, epsilon_low, epsilon_high, kl, entropy)
+                      num_micro_batches, max_completion_length)
+    flags = clip_flags(ratio.detach(), adv, mask, policy_loss, epsilon_low, epsilon_high,
+                       clip_ratio_c)
+    metrics = _loss_metrics(loss, ratio.detach().expand_as(policy), adv, mask, flags, kl,
+                            entropy, is_sums)
     return loss, metrics
 
 
-def _aggregate(per_token, mask, aggregation, num_sequences, num_tokens, max_completion_length):
+def _aggregate(per_token, mask, aggregation, num_sequences, num_tokens, num_micro_batches,
+               max_completion_length):
     """Reduce [N, T] per-token losses (0 at padding) to this micro-batch's share of the step."""
     n_seq = float(per_token.shape[0] if num_sequences is None else num_sequences)
     if aggregation == "grpo":
         lengths = mask.sum(dim=1).clamp(min=1)  # empty sequences: 0 / 1 = 0, not NaN
         return (per_token.sum(dim=1) / lengths).sum() / max(n_seq, 1.0)
-    if aggregation in ("token_mean", "bnpo"):
+    if aggregation == "token_mean":
         if num_tokens is None:  # stay on the device: no host sync for the local count
             return per_token.sum() / mask.sum().clamp(min=1)
         return per_token.sum() / max(float(num_tokens), 1.0)
+    if aggregation == "bnpo":  # this micro-batch's own token mean, one share of the step
+        return per_token.sum() / mask.sum().clamp(min=1) / max(num_micro_batches or 1, 1)
     # dr_grpo: a constant normaliser, so no length bias between short and long completions.
     return per_token.sum() / max(n_seq * max_completion_length, 1.0)
 
 
 @torch.no_grad()
-def _loss_metrics(loss, ratio, adv, mask, epsilon_low, epsilon_high, kl=None, entropy=None):
+def _loss_metrics(loss, ratio, adv, mask, flags, kl=None, entropy=None, is_sums=None):
     """Detached metrics over this micro-batch's valid tokens, as python floats.
 
     Mergeable raw values: "loss" (this micro-batch's share; sums to the step loss), "token_count",
-    "sequence_count", every "*/sum" and "advantage/sq_sum" (add them up), "ratio/min" (take the
-    min) and "ratio/max" (take the max). The token means ("kl", "entropy", "clip_ratio/low_mean",
-    "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio/mean", "advantage/mean") and
-    "advantage/std" are derived from those; `merge_loss_metrics` recomputes them exactly for several
-    micro-batches or ranks. "kl" is the chosen estimator's mean (k3 by default, as TRL logs).
-    "clip_ratio/low" counts tokens where the clipped branch is active with A < 0 and
-    rho < 1 - eps_low, "high" with A > 0 and rho > 1 + eps_high: their gradient is zero.
-    "kl" and "entropy" are present only when ref_logprobs / entropy were given.
+    "sequence_count", every "*/sum" and "*_sum", "advantage/sq_sum" and "importance_sampling/count"
+    (add them up), "ratio/min" (take the min) and "ratio/max" (take the max). The means (every
+    `_MEAN_OF_SUM` key) and "advantage/std" are derived from those; `merge_loss_metrics`
+    recomputes them exactly for several micro-batches or ranks. "kl" is the chosen estimator's
+    mean (k3 by default, as TRL logs). "ratio/*" is the ratio the loss used (a GSPO sequence's
+    ratio counts once per token). "clip_ratio/low", "high" and "dual" are the token fractions of
+    `loss_variants.clip_flags`. "kl", "entropy" and "importance_sampling/*" (the rollout
+    correction's count, raw ratio mean, applied weight mean and fraction above the cap) are
+    present only when ref_logprobs / entropy / importance_sampling were given.
     """
-    low = (ratio < 1.0 - epsilon_low) & (adv < 0) & mask
-    high = (ratio > 1.0 + epsilon_high) & (adv > 0) & mask
+    low, high, dual = flags
     inf = torch.tensor(math.inf, dtype=ratio.dtype, device=ratio.device)
     raw = {
         "loss": loss.detach(),
@@ -172,7 +219,8 @@ def _loss_metrics(loss, ratio, adv, mask, epsilon_low, epsilon_high, kl=None, en
         "sequence_count": torch.tensor(mask.shape[0], device=mask.device),
         "clip_ratio/low_sum": low.sum(),
         "clip_ratio/high_sum": high.sum(),
-        "clip_ratio/region_sum": (low | high).sum(),
+        "clip_ratio/region_sum": (low | high | dual).sum(),
+        "clip_ratio/dual_sum": dual.sum(),
         "ratio/sum": torch.where(mask, ratio, 0.0).sum(),
         "ratio/min": torch.where(mask, ratio, inf).min() if mask.numel() else inf,
         "ratio/max": torch.where(mask, ratio, -inf).max() if mask.numel() else -inf,
@@ -183,6 +231,7 @@ def _loss_metrics(loss, ratio, adv, mask, epsilon_low, epsilon_high, kl=None, en
         raw["kl/sum"] = torch.where(mask, kl, 0.0).sum()
     if entropy is not None:
         raw["entropy/sum"] = torch.where(mask, entropy.detach().to(ratio.dtype), 0.0).sum()
+    raw.update(is_sums or {})
     # One device->host copy for all values instead of one sync per .item().
     values = torch.stack([v.to(ratio.dtype) for v in raw.values()]).tolist()
     return _with_means(dict(zip(raw, values)))
@@ -205,9 +254,9 @@ def merge_loss_metrics(parts: Iterable[dict[str, float]]) -> dict[str, float]:
 def _with_means(raw: dict[str, float]) -> dict[str, float]:
     count = raw["token_count"]
     out = dict(raw)
-    for mean_key, sum_key in _MEAN_OF_SUM.items():
+    for mean_key, (sum_key, count_key) in _MEAN_OF_SUM.items():
         if sum_key in raw:
-            out[mean_key] = raw[sum_key] / count if count else 0.0
+            out[mean_key] = raw[sum_key] / raw[count_key] if raw[count_key] else 0.0
     mean_sq = raw["advantage/sq_sum"] / count if count else 0.0
     out["advantage/std"] = math.sqrt(max(mean_sq - out["advantage/mean"] ** 2, 0.0))
     return out

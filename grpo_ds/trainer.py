@@ -51,12 +51,17 @@ def process_reward_fn(spec: str):
 
 
 def sampling_params(cfg: Config, tokenizer, greedy: bool = False) -> SamplingParams:
+    """Training and evaluation sample alike but for greedy's temperature, top-p and top-k."""
+    r = cfg.rollout
     return SamplingParams(
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        temperature=0.0 if greedy else cfg.rollout.temperature,
-        top_p=1.0 if greedy else cfg.rollout.top_p,
-        top_k=0 if greedy else cfg.rollout.top_k,
-        stop_token_ids=(tokenizer.eos_token_id,),
+        max_new_tokens=r.max_new_tokens,
+        temperature=0.0 if greedy else r.temperature,
+        top_p=1.0 if greedy else r.top_p,
+        top_k=0 if greedy else r.top_k,
+        stop_token_ids=() if r.ignore_eos else (tokenizer.eos_token_id,),
+        stop_strings=tuple(r.stop),
+        min_new_tokens=r.min_new_tokens,
+        repetition_penalty=r.repetition_penalty,
     )
 
 
@@ -202,12 +207,19 @@ def micro_batch_loss(engine, part: RolloutBatch, cfg: Config, counts: tuple[floa
     g = cfg.grpo
     logprobs, entropy = engine(part.input_ids, part.attention_mask, part.completion_ids,
                                cfg.rollout.temperature, with_entropy=True)
+    # every micro-batch of the step, all ranks (bnpo's normaliser; config validated the division)
+    micro_batches = (cfg.train.prompts_per_step * cfg.rollout.group_size
+                     // cfg.train.micro_batch_size)
     loss, metrics = grpo_loss(
         logprobs, old_logprobs, part.ref_logprobs, part.advantages, part.completion_mask,
         epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
         beta=0.0 if g.kl_in_reward else g.beta, kl_estimator=g.kl_estimator,
         aggregation=g.loss_aggregation, num_sequences=counts[0], num_tokens=counts[1],
-        max_completion_length=cfg.rollout.max_new_tokens, entropy=entropy.detach())
+        num_micro_batches=micro_batches, max_completion_length=cfg.rollout.max_new_tokens,
+        entropy=entropy.detach(), policy_loss=g.policy_loss, ratio_level=g.ratio_level,
+        clip_ratio_c=g.clip_ratio_c, sampled_logprobs=part.sampled_logprobs,
+        importance_sampling=g.importance_sampling,
+        importance_sampling_cap=g.importance_sampling_cap)
     return loss, logprobs, metrics
 
 
@@ -409,7 +421,7 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
 
 
 GLOBAL_ALREADY = ("loss", "kl", "clip_ratio", "ratio", "entropy", "advantage", "grad_norm",
-                  "learning_rate", "rollout/logprob_gap", "eval/")
+                  "learning_rate", "rollout/logprob_gap", "eval/", "importance_sampling")
 
 
 def reduce_rollout_metrics(metrics: dict, rewards: torch.Tensor, device) -> dict:

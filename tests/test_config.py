@@ -49,6 +49,11 @@ def test_yaml_and_dotted_overrides(tmp_path):
      "deepspeed.host_allocator='jemalloc': must be one of auto, tcmalloc, system"),
     ("--rewards.weights=[1,2]", "rewards.weights has 2 entries but rewards.functions has 1"),
     ("--rollout.packed_weights=yes", "rollout.packed_weights='yes': must be one of auto, on, off"),
+    ("--grpo.ratio_level=seq", "grpo.ratio_level='seq': must be one of token, sequence,"),
+    ("--grpo.policy_loss=ppo", "grpo.policy_loss='ppo': must be one of clip, cispo"),
+    ("--grpo.importance_sampling=tis", "grpo.importance_sampling='tis': must be one of none,"),
+    ("--grpo.clip_ratio_c=0.9", "grpo.clip_ratio_c=0.9: must be > 1"),
+    ("--grpo.importance_sampling_cap=0.5", "grpo.importance_sampling_cap=0.5: must be >= 1"),
 ])
 def test_invalid_values_name_the_field_and_value(override, message):
     with pytest.raises(ConfigError) as err:
@@ -102,3 +107,10 @@ def test_a_train_path_selects_the_dataset_task_unless_arithmetic_is_asked_for(tm
             "data.train_path='train.jsonl'") in str(err.value)
     with pytest.raises(ConfigError, match="does not read data.eval_path='test.jsonl'"):
         validate(load_config(None, ["--data.eval_path=test.jsonl"]), world_size=2)
+
+
+def test_dual_clip_needs_the_clipped_surrogate():
+    cfg = load_config(None, ["--grpo.clip_ratio_c=3", "--grpo.policy_loss=cispo"])
+    with pytest.raises(ConfigError, match="grpo.clip_ratio_c=3.0: dual clip applies to "
+                                          "grpo.policy_loss=clip only"):
+        validate(cfg, world_size=2)

@@ -116,6 +116,10 @@ PATHS = {
     "beta_0": ["--grpo.beta=0.0"],
     "scale_batch": ["--grpo.scale_rewards=batch"],
     "reward_model": [],
+    "gspo_dual_clip_tis": ["--grpo.ratio_level=sequence", "--grpo.clip_ratio_c=3",
+                           "--grpo.importance_sampling=sequence_truncate", "--grpo.num_iterations=2"],
+    "cispo_bnpo_mis": ["--grpo.policy_loss=cispo", "--grpo.loss_aggregation=bnpo",
+                       "--grpo.importance_sampling=token_mask"],
 }
 
 

@@ -33,7 +33,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     """Token ids that end a completion (usually the EOS id); the stop token is kept and masked 1."""
     stop_strings: tuple[str, ...] = ()
-    """Strings that end a completion when they appear in the decoded tail (needs a tokenizer)."""
+    """Strings that end a completion when they appear in the decoded tail (needs a tokenizer);
+    the token that completes the string is the last one kept (as TRL and vLLM's token ids)."""
+    min_new_tokens: int = 0
+    """Stop tokens are left out of the draw, and stop strings not checked, until a completion
+    has this many tokens (HF's min_new_tokens, vLLM's min_tokens)."""
+    repetition_penalty: float = 1.0
+    """HF / vLLM repetition penalty over prompt and completion tokens: a seen token's logit is
+    divided by it when positive, multiplied when negative (1.0 = off, and then free)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -44,6 +51,11 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}]"
+                             f", got {self.min_new_tokens}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
 
 
 @dataclass

@@ -14,6 +14,10 @@ same number of forwards. Before each decode forward the ranks agree (all-reduce 
 anyone still has live rows; a rank with none calls `forward.idle()`, which joins the gathers
 without computing. With fully gathered weights no agreement is needed.
 
+Sampling controls: before `min_new_tokens` the stop tokens are banned from the draw and stop
+strings are not checked; the repetition penalty keeps a [N*G, V] table of the tokens each row has
+seen (prompt and completion), built only when the penalty is on.
+
 Positions: prompts are left-padded, so a row's position is its count of real tokens so far
 (prefill: cumsum(mask) - 1; step t: prompt_length + t).
 """
@@ -92,6 +96,9 @@ def decode(
     elif any_rank is not None:
         forward.idle()
     prefill_seconds = time.perf_counter() - start
+    seen = None
+    if params.repetition_penalty != 1.0 and logits is not None:
+        seen = _prompt_tokens_seen(prompt_ids, prompt_mask, logits.shape[-1], group_size)
 
     attn = torch.zeros((rows_total, prompt_len + max_new), dtype=prompt_mask.dtype, device=device)
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, 0)
@@ -100,8 +107,8 @@ def decode(
     step = 0
     while True:
         if batch.alive.any() and step < max_new:
-            tokens = _sample_step(logits, batch, step, params, uniforms, stops, out_tokens,
-                                  out_logprobs, lengths, stopped)
+            tokens = _sample_step(logits, batch, step, params, uniforms, stops, seen,
+                                  out_tokens, out_logprobs, lengths, stopped)
             if compact and not batch.alive.all():
                 tokens = tokens[batch.alive]
                 batch.keep(batch.alive)
@@ -120,17 +127,34 @@ def decode(
     return DecodeResult(out_tokens, out_logprobs, lengths, stopped, forwards, prefill_seconds)
 
 
-def _sample_step(logits, batch: _Batch, step, params, uniforms, stops, out_tokens, out_logprobs,
-                 lengths, stopped) -> torch.Tensor:
+def _prompt_tokens_seen(prompt_ids, prompt_mask, vocab: int, group_size: int) -> torch.Tensor:
+    """[N*G, V] bool: True at each row's prompt tokens (the repetition penalty's memory)."""
+    seen = torch.zeros((prompt_ids.shape[0], vocab), dtype=torch.bool, device=prompt_ids.device)
+    rows, cols = prompt_mask.bool().nonzero(as_tuple=True)  # real tokens only, not the padding
+    seen[rows, prompt_ids[rows, cols]] = True
+    return seen.repeat_interleave(group_size, 0)
+
+
+def _sample_step(logits, batch: _Batch, step, params, uniforms, stops, seen, out_tokens,
+                 out_logprobs, lengths, stopped) -> torch.Tensor:
     """Sample token `step` for every batch row, record it for live rows, retire finished rows."""
     u = uniforms[batch.rows, step] if uniforms is not None else None
-    tokens, logprobs = sample_next_tokens(logits, u, params.temperature, params.top_k, params.top_p)
+    banned = stops.stop_ids if step < params.min_new_tokens else None
+    tokens, logprobs = sample_next_tokens(
+        logits, u, params.temperature, params.top_k, params.top_p, banned_ids=banned,
+        seen=None if seen is None else seen[batch.rows],
+        repetition_penalty=params.repetition_penalty)
     live_rows = batch.rows[batch.alive]
     out_tokens[live_rows, step] = tokens[batch.alive]
     out_logprobs[live_rows, step] = logprobs[batch.alive]
     lengths[live_rows] = step + 1
-    history = out_tokens[batch.rows] if stops.stop_strings else None
-    done = stops(tokens, history, step) & batch.alive
+    if seen is not None:
+        seen[live_rows, tokens[batch.alive]] = True
+    if step + 1 >= params.min_new_tokens:
+        history = out_tokens[batch.rows] if stops.stop_strings else None
+        done = stops(tokens, history, step) & batch.alive
+    else:  # too short to stop (HF / vLLM): stop tokens were not drawn, strings are not checked
+        done = torch.zeros_like(batch.alive)
     stopped[batch.rows[done]] = True
     if step + 1 >= params.max_new_tokens:
         done = batch.alive.clone()

@@ -7,7 +7,8 @@ deepspeed 0.19.8, hybrid_engine_rollout.py):
   after the first EOS afterwards; we re-mask after the first of `stop_token_ids`;
 - it reports no log-probs: `sampled_logprobs` is None, the trainer must compute pi_old itself;
 - it samples with torch's global RNG, so we seed that with `seed`;
-- stop strings are not supported.
+- stop strings, min_new_tokens and repetition_penalty are not supported (a clear error);
+  ignore_eos needs nothing: stop_token_ids=() already decodes every position.
 `engine` must be a DeepSpeed engine (ideally built with "hybrid_engine": {"enabled": true}).
 """
 
@@ -41,8 +42,11 @@ class DeepSpeedHybridBackend(ReadsLiveWeights):
         from deepspeed.accelerator import get_accelerator
         from deepspeed.runtime.rollout import RolloutRequest, SamplingConfig
 
-        if params.stop_strings:
-            raise NotImplementedError("DeepSpeed's HybridEngineRollout has no stop strings")
+        if params.stop_strings or params.min_new_tokens or params.repetition_penalty != 1.0:
+            raise NotImplementedError(
+                "DeepSpeed's HybridEngineRollout has no stop strings, min_new_tokens or "
+                f"repetition_penalty (got {params.stop_strings}, {params.min_new_tokens}, "
+                f"{params.repetition_penalty}); use our HybridRollout")
         pad = self.tokenizer.pad_token_id
         device = torch.device(get_accelerator().current_device_name())
         ids, mask = left_pad(prompt_ids, pad, device)

@@ -16,6 +16,12 @@ Two choices worth knowing:
   (`log_softmax(logits / T)`), so the two can be compared token by token. With T == 0 (greedy)
   it is `log_softmax(logits)[token]` (T = 1).
 
+Before all of that, two optional changes to the logits of the DRAW only: a repetition penalty
+(HF/vLLM: a token already in the prompt or the completion has its logit divided by the penalty
+when positive, multiplied when negative) and banned tokens (stop tokens before min_new_tokens,
+logit -inf). Like top-k/top-p they change what is sampled, not the reported log-prob, which stays
+the policy's own `log_softmax(logits / T)` that the trainer recomputes. Off, they cost nothing.
+
 Ties: the descending sort is stable, so among equal logits the lower token id ranks first. Top-k
 therefore keeps exactly k tokens, and greedy picks the lowest id among the maxima.
 """
@@ -81,30 +87,50 @@ def inverse_cdf_sample(probs: torch.Tensor, uniforms: torch.Tensor,
     return j * block + i
 
 
+def penalise_repetitions(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF / vLLM repetition penalty: logits [B, V] where seen [B, V] (bool) is set are divided by
+    `penalty` when positive and multiplied by it when negative (penalty > 1 discourages them)."""
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
 def sample_next_tokens(
     logits: torch.Tensor,
     uniforms: torch.Tensor | None,
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
+    banned_ids: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+    repetition_penalty: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row.
 
     logits [B, V] (any float dtype), uniforms [B] in [0, 1) (unused when temperature == 0).
+    banned_ids [K] int64: never drawn. seen [B, V] bool: tokens the repetition penalty applies to.
     Returns (tokens [B] int64, logprobs [B] float32) where logprobs are
-    log_softmax(logits / T) at the sampled tokens, before truncation (see module docstring).
+    log_softmax(logits / T) at the sampled tokens, before truncation, penalty and bans (see
+    module docstring).
     """
     logits = logits.float()
+    draw = logits
+    if seen is not None and repetition_penalty != 1.0:
+        draw = penalise_repetitions(draw, seen, repetition_penalty)
+    if banned_ids is not None and banned_ids.numel():
+        draw = draw.index_fill(-1, banned_ids, float("-inf"))
     if temperature <= 0.0:
-        tokens = torch.argmax(logits, dim=-1)  # first maximum = lowest token id on ties
+        tokens = torch.argmax(draw, dim=-1)  # first maximum = lowest token id on ties
         logprobs = torch.log_softmax(logits, dim=-1)
         return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    scaled = logits / temperature if temperature != 1.0 else logits
+    scaled = draw / temperature if temperature != 1.0 else draw
     softmax = torch.softmax(scaled, dim=-1)
     probs = softmax
     if top_k > 0 or top_p < 1.0:
         probs = softmax.masked_fill(~truncation_mask(scaled, top_k, top_p), 0.0)
     tokens = inverse_cdf_sample(probs, uniforms)
+    if draw is not logits:  # the draw's distribution differs from the policy's: report the latter
+        policy = torch.log_softmax(logits / temperature, dim=-1)
+        return tokens, policy.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     # log of the untruncated probability at the token only (a drawn token's is never 0)
     return tokens, softmax.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
 
