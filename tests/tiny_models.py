@@ -12,10 +12,13 @@ from transformers import (
 )
 
 
-def text_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level over printable ASCII, with <pad>/<bos>/<eos>/<unk>."""
-    chars = sorted(set(string.printable))
-    vocab = {t: i for i, t in enumerate(["<pad>", "<bos>", "<eos>", "<unk>"] + chars)}
+def text_tokenizer(vocab_size: int | None = None) -> PreTrainedTokenizerFast:
+    """Character-level over printable ASCII, with <pad>/<bos>/<eos>/<unk>. With `vocab_size`,
+    the ids beyond those are filler tokens "<xN>" (decodable, never produced by encoding), so a
+    model of a real vocabulary's shape has a tokenizer of its size."""
+    tokens = ["<pad>", "<bos>", "<eos>", "<unk>"] + sorted(set(string.printable))
+    tokens += [f"<x{i}>" for i in range(len(tokens), vocab_size or 0)]
+    vocab = {t: i for i, t in enumerate(tokens)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     core.decoder = decoders.Fuse()

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import string
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from tests.tiny_models import text_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "tests" / "data" / "gsm8k_sample.jsonl"
@@ -51,24 +52,6 @@ WORKLOAD = {"cuda": {"prompts": 8, "group": 8, "new_tokens": 128, "micro": 16, "
             "cpu": {"prompts": 2, "group": 4, "new_tokens": 8, "micro": 8, "prompt_len": 48}}
 
 
-def filled_tokenizer(vocab_size: int):
-    """Characters of printable ASCII plus <pad>/<bos>/<eos>/<unk>; ids beyond them are filler
-    tokens "<xN>" (decodable, never produced by encoding), up to the model's vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    tokens = ["<pad>", "<bos>", "<eos>", "<unk>"] + sorted(set(string.printable))
-    tokens += [f"<x{i}>" for i in range(len(tokens), vocab_size)]
-    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(tokens)},
-                                      unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A",
-                                                        special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<bos>",
-                                   eos_token="<eos>", unk_token="<unk>", padding_side="left")
-
-
 def save_qwen2(path: Path) -> Path:
     """A random Qwen2 of the mode's shapes, in bfloat16, with its tokenizer, at `path`."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -77,7 +60,7 @@ def save_qwen2(path: Path) -> Path:
     config = Qwen2Config(**shapes, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    filled_tokenizer(shapes["vocab_size"]).save_pretrained(path)
+    text_tokenizer(shapes["vocab_size"]).save_pretrained(path)
     return path
 
 
