@@ -6,9 +6,11 @@
                                                  have left the batch
     ...      until no episode is live anywhere, or max_turns model turns
 
-A model turn stops at EOS (the episode ends), at the end marker of a tool call (the environment
-answers) or at `max_new_tokens` (the turn is cut; the episode ends, truncated). The token budget
-`max_total_tokens` bounds each episode's completion (model and observation tokens together).
+A model turn stops at EOS (the episode ends), at the end marker of a tool call or at
+`max_new_tokens`; then the environment answers with an observation (the episode goes on) or says
+it is done. The token budget `max_total_tokens` bounds each episode's completion (model and
+observation tokens together): a turn or observation that reaches it is cut and ends the episode.
+An episode is `truncated` when its last model turn was cut (by the budget or max_new_tokens).
 
 ZeRO-3: every generate call gathers the partitioned weights, a collective. Before each turn the
 ranks agree (all-reduce MAX) whether any rank still has a live episode; a rank with none calls
@@ -92,8 +94,11 @@ class MultiTurnRollout:
                 episodes.append(Episode(list(prompt), None if rows is None else rows[i],
                                         messages=[{"role": "user", "content": text}]))
         envs = [self.make_env() for _ in episodes]
-        turn_params = replace(params, stop_token_ids=tuple(params.stop_token_ids) + self.stop_ids,
-                              stop_strings=tuple(params.stop_strings) + self.stop_strings)
+        turn_params = params
+        if self.max_turns > 1:  # a call ends the turn only where a next turn can follow
+            turn_params = replace(params,
+                                  stop_token_ids=tuple(params.stop_token_ids) + self.stop_ids,
+                                  stop_strings=tuple(params.stop_strings) + self.stop_strings)
         device, calls = None, 0
         for turn in range(self.max_turns):
             live = [i for i, e in enumerate(episodes) if not e.done]
@@ -103,7 +108,8 @@ class MultiTurnRollout:
             step_params = replace(turn_params, max_new_tokens=max(1, min(params.max_new_tokens,
                                                                           room)),
                                   min_new_tokens=min(params.min_new_tokens, max(1, room)))
-            turn_seed = (seed * 1_000_003 + turn * 7_919) % (2**63)
+            # turn 0 samples as a single-turn rollout with this seed would (max_turns=1 is one)
+            turn_seed = seed if turn == 0 else (seed * 1_000_003 + turn * 7_919) % (2**63)
             if turn == 0:  # the G episodes of a prompt share its prefill
                 out = self.backend.generate(prompt_ids, group_size, step_params, turn_seed)
             else:
@@ -111,8 +117,6 @@ class MultiTurnRollout:
                                             turn_seed)
             device, calls = out.completion_ids.device, calls + 1
             self._take_turn(out, live, episodes, envs, turn, params)
-        for e in episodes:  # ran out of turns while the environment still had something to say
-            e.truncated = e.truncated or not e.done
         return self._output(episodes, device, start, calls, group_size)
 
     def _take_turn(self, out: RolloutOutput, live: list[int], episodes: list[Episode], envs,
@@ -133,10 +137,10 @@ class MultiTurnRollout:
             e.tool_failures += reply.tool_failures
             e.env_reward = reply.reward
             ended = bool(tokens) and tokens[-1] in eos and not cut
-            if cut or bool(out.truncated[row]):
-                e.truncated, e.done = True, True
-            elif ended or reply.done or reply.observation is None or turn + 1 >= self.max_turns:
-                e.done = True
+            # truncated: the episode's last model turn was cut (budget or max_new_tokens)
+            e.truncated = cut or bool(out.truncated[row])
+            e.done = (cut or ended or reply.done or reply.observation is None
+                      or turn + 1 >= self.max_turns)
             if e.done:
                 continue
             e.messages.append({"role": "tool", "content": reply.observation})

@@ -154,4 +154,4 @@ def task_defaults() -> dict:
             "multiturn.call_format": "python", "multiturn.call_start": CALL_START,
             "multiturn.call_end": CALL_END, "multiturn.result_template": RESULT_TEMPLATE,
             "multiturn.max_turns": 2, "multiturn.max_total_tokens": 48,
-            "task.digits": 3}
+            "task.digits": 3, "rollout.max_new_tokens": 20}
