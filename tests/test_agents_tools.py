@@ -123,3 +123,15 @@ def test_tool_environment_runs_calls_and_ends_without_one():
 def test_duplicate_tool_names_are_refused():
     with pytest.raises(ValueError, match="unique"):
         ToolEnvironment([calc, calc], CallFormat())
+
+
+def test_config_tools_reach_the_chat_template_of_dataset_prompts():
+    from grpo_ds.data import format_prompts
+    from tests.tiny_models import text_tokenizer
+
+    tok = text_tokenizer()
+    tok.chat_template = ("{% for t in tools or [] %}[{{ t.function.name }}]{% endfor %}"
+                         "{% for m in messages %}{{ m.content }}{% endfor %}")
+    rows = [{"prompt": [{"role": "user", "content": "6*7?"}]}]
+    assert format_prompts(rows, tokenizer=tok, tools=[calc]) == ["[calc]6*7?"]
+    assert format_prompts(rows, tokenizer=tok) == ["6*7?"]
