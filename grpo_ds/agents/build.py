@@ -6,7 +6,6 @@ from grpo_ds.agents.environment import ToolEnvironment
 from grpo_ds.agents.rollout import MultiTurnRollout
 from grpo_ds.agents.tools import CallFormat
 
-
 MULTITURN_COLUMNS = ("env_reward", "tool_calls", "turns")  # MultiTurnRollout's output columns
 
 

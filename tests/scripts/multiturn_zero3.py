@@ -16,16 +16,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-from deepspeed import comm as dist  # noqa: E402
-from transformers import LlamaForCausalLM  # noqa: E402
+import deepspeed
+import torch
+from deepspeed import comm as dist
+from transformers import LlamaForCausalLM
 
-from grpo_ds.agents.environment import EnvReply  # noqa: E402
-from grpo_ds.agents.rollout import MultiTurnRollout  # noqa: E402
-from grpo_ds.engine import finish_rank, init_distributed  # noqa: E402
-from grpo_ds.rollout import HybridRollout, SamplingParams  # noqa: E402
-from tests.tiny_models import llama_config, text_tokenizer  # noqa: E402
+from grpo_ds.agents.environment import EnvReply
+from grpo_ds.agents.rollout import MultiTurnRollout
+from grpo_ds.engine import finish_rank, init_distributed
+from grpo_ds.rollout import HybridRollout, SamplingParams
+from tests.tiny_models import llama_config, text_tokenizer
 
 torch.set_num_threads(1)
 
