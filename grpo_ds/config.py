@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from grpo_ds.agents.config import MultiTurnConfig, validate_multiturn
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -320,6 +322,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    multiturn: MultiTurnConfig = field(default_factory=MultiTurnConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -411,6 +414,13 @@ def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -
         given.add(_apply(cfg, section, key, value, f"override '{item}'"))
     if cfg.data.train_path and "task.name" not in given:
         cfg.task.name = "dataset"  # a dataset given is the dataset to train on
+    if cfg.task.name == "tool_arithmetic":  # the task's own reward and call format by default
+        from grpo_ds.tasks.tool_arithmetic import task_defaults
+
+        for dotted, value in task_defaults().items():
+            if dotted not in given:
+                section, key = dotted.split(".", 1)
+                setattr(getattr(cfg, section), key, value)
     return cfg
 
 
@@ -433,7 +443,7 @@ CHOICES = {
     "model.dtype": DTYPE_CHOICES,
     "model.attn_implementation": ATTN_CHOICES,
     "train.optimizer": OPTIMIZER_CHOICES,
-    "task.name": ("arithmetic", "dataset"),
+    "task.name": ("arithmetic", "tool_arithmetic", "dataset"),
     "data.overlong_prompts": ("truncate", "drop"),
     "rewards.on_error": ("raise", "skip"),
     "rollout.backend": ROLLOUT_BACKENDS,
@@ -567,9 +577,10 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     if cfg.task.name == "dataset" and not cfg.data.train_path:
         raise ConfigError("data.train_path: required when task.name='dataset'")
     given = [f for f in ("data.train_path", "data.eval_path") if _get(cfg, f)]
-    if cfg.task.name == "arithmetic" and given:
+    validate_multiturn(cfg.multiturn, ConfigError)
+    if cfg.task.name in ("arithmetic", "tool_arithmetic") and given:
         raise ConfigError(
-            f"task.name='arithmetic' trains on the built-in synthetic task, which does not read "
+            f"task.name={cfg.task.name!r} trains on the built-in synthetic task, which does not read "
             f"{' or '.join(given)}={_get(cfg, given[0])!r}: set task.name=dataset (or leave "
             "task.name unset, and data.train_path selects the dataset)")
     if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():

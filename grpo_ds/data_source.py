@@ -17,6 +17,13 @@ from grpo_ds.rewards import RESERVED_KEYWORDS
 OWN_KEYS = ("prompt_ids", *RESERVED_KEYWORDS)
 
 
+def tool_functions(cfg: Config) -> list:
+    """multiturn.tools as functions, whose schemas chat templates render into the prompt."""
+    from grpo_ds.agents.build import load_callable
+
+    return [load_callable(spec) for spec in cfg.multiturn.tools]
+
+
 def prepared_rows(cfg: Config, path: str, tokenizer) -> tuple[list[dict], dict]:
     """The rows of one file as the loop consumes them, and counts of truncated/dropped prompts."""
     d = cfg.data
@@ -27,7 +34,8 @@ def prepared_rows(cfg: Config, path: str, tokenizer) -> tuple[list[dict], dict]:
     prepared = prepare_prompts(dataset, tokenizer, max_prompt_length=d.max_prompt_length,
                                overflow=d.overlong_prompts, template=d.template,
                                use_chat_template=d.use_chat_template,
-                               system_prompt=d.system_prompt, prompt_column=d.prompt_column)
+                               system_prompt=d.system_prompt, prompt_column=d.prompt_column,
+                               tools=tool_functions(cfg))
     messages = prepared.messages or [None] * len(prepared.texts)
     rows = []
     for row, text, chat, ids in zip(prepared.rows, prepared.texts, messages, prepared.input_ids):

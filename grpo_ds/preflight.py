@@ -52,6 +52,10 @@ def check_rewards(cfg: Config, functions: dict[str, Callable],
     """Every reward function's (and the process reward's) parameters against the columns of each
     file it is called on: all files for the first reward (it also scores the held-out set), the
     train file for the others. `functions` maps spec -> function (reward models left out)."""
+    from grpo_ds.agents.build import MULTITURN_COLUMNS, multiturn_enabled
+
+    if multiturn_enabled(cfg):  # the rollout adds these per episode
+        columns = {where: [*names, *MULTITURN_COLUMNS] for where, names in columns.items()}
     files = list(columns)
     first = cfg.rewards.functions[0]
     for spec, function in functions.items():

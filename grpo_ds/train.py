@@ -44,6 +44,13 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
 
 def make_source(cfg: Config, rank: int, world: int):
     """Prompts and tokenizer of the task: the built-in arithmetic task or a dataset."""
+    if cfg.task.name == "tool_arithmetic":
+        from grpo_ds.tasks import tool_arithmetic as tool
+
+        task = tool.ToolArithmeticTask(cfg.task.digits, cfg.task.carry_drop, cfg.task.eval_size,
+                                       cfg.task.seed)
+        return tool.ToolArithmeticSource(task, cfg.train.prompts_per_step, rank, world,
+                                         cfg.train.seed), tool.build_tokenizer()
     if cfg.task.name == "arithmetic":
         from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
 
@@ -61,8 +68,8 @@ def make_source(cfg: Config, rank: int, world: int):
 
 def source_columns(cfg: Config, source) -> dict[str, list[str]]:
     """The columns reward functions get, per file (for check_rewards)."""
-    if cfg.task.name == "arithmetic":
-        return {"the built-in arithmetic task": list(ARITHMETIC_COLUMNS)}
+    if cfg.task.name in ("arithmetic", "tool_arithmetic"):
+        return {f"the built-in {cfg.task.name} task": list(ARITHMETIC_COLUMNS)}
     columns = {cfg.data.train_path: row_columns(source.train_rows)}
     if cfg.data.eval_path and source.eval_rows():
         columns[cfg.data.eval_path] = row_columns(source.eval_rows())

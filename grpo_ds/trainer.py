@@ -98,6 +98,12 @@ def reward_inputs(rows: list[dict], texts: list[str], ids: torch.Tensor, mask: t
     return prompts, completions, columns
 
 
+def rows_for(rollout, rows: list[dict]) -> dict:
+    """The dataset rows as a keyword for a backend that takes them (multi-turn: the
+    environment sees each episode's row), nothing for any other backend."""
+    return {"rows": rows} if getattr(rollout, "takes_rows", False) else {}
+
+
 def generate_and_score(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[dict],
                        reward_fns, reward_names, seed: int, state=None):
     """Sample G completions per prompt and score them. Returns (batch, texts, metrics).
@@ -106,10 +112,11 @@ def generate_and_score(cfg: Config, rollout: RolloutBackend, tokenizer, rows: li
     G = cfg.rollout.group_size
     prompt_ids = [prompt_token_ids(tokenizer, r) for r in rows]
     out = rollout.generate(prompt_ids, group_size=G, params=sampling_params(cfg, tokenizer),
-                           seed=seed)
+                           seed=seed, **rows_for(rollout, rows))
     texts = decode(tokenizer, out.completion_ids, out.completion_mask)
     prompts, completions, columns = reward_inputs(rows, texts, out.completion_ids,
                                                   out.completion_mask, G)
+    columns.update(out.columns or {})  # multi-turn: env_reward, tool_calls, turns
     shared = {"trainer_state": state or trainer_state(0, cfg.train.steps)}
     per_func, reward_stats = compute_rewards(reward_fns, reward_names, prompts, completions,
                                              columns, on_error=cfg.rewards.on_error,
@@ -123,7 +130,9 @@ def generate_and_score(cfg: Config, rollout: RolloutBackend, tokenizer, rows: li
                                      out.completion_mask)
     batch = RolloutBatch(input_ids=input_ids, attention_mask=attention_mask,
                          completion_ids=out.completion_ids,
-                         completion_mask=out.completion_mask.float(),
+                         # multi-turn: observation tokens are attended to, never trained on
+                         completion_mask=(out.completion_mask if out.loss_mask is None
+                                          else out.loss_mask).float(),
                          advantages=torch.zeros(len(prompts), device=device),
                          sampled_logprobs=out.sampled_logprobs)
     if cfg.grpo.process_reward:
@@ -136,7 +145,8 @@ def generate_and_score(cfg: Config, rollout: RolloutBackend, tokenizer, rows: li
                "completions/min_length": lengths.min().item(),
                "completions/max_length": lengths.max().item(),
                "completions/clipped_ratio": out.truncated.float().mean().item(),
-               "time/generation": out.metrics.get("seconds", 0.0)}
+               "time/generation": out.metrics.get("seconds", 0.0),
+               **out.metrics.get("episode_metrics", {})}
     return batch, rewards, (prompts, texts), metrics
 
 
@@ -291,12 +301,14 @@ def correct_counts(cfg: Config, rollout: RolloutBackend, tokenizer, rows: list[d
     for start in range(0, rounds * chunk, chunk):
         part = rows[start:start + chunk]
         prompt_ids = [prompt_token_ids(tokenizer, r) for r in part] or [[tokenizer.eos_token_id]]
-        out = rollout.generate(prompt_ids, group_size=group, params=params, seed=start + 1)
+        out = rollout.generate(prompt_ids, group_size=group, params=params, seed=start + 1,
+                               **rows_for(rollout, part))
         if not part:
             continue
         texts = decode(tokenizer, out.completion_ids, out.completion_mask)
         prompts, completions, columns = reward_inputs(part, texts, out.completion_ids,
                                                       out.completion_mask, group)
+        columns.update(out.columns or {})
         scores, _ = compute_rewards(
             [reward_fn], [getattr(reward_fn, "__name__", "reward")], prompts, completions,
             columns, on_error=cfg.rewards.on_error,

@@ -55,6 +55,7 @@ def format_prompts(
     use_chat_template: bool = False,
     system_prompt: str | None = None,
     prompt_column: str = "prompt",
+    tools: Sequence | None = None,
 ) -> list[str]:
     """One prompt string per row (see the module docstring for the order of the steps)."""
     if isinstance(rows, datasets.Dataset):
@@ -75,13 +76,13 @@ def format_prompts(
     for index, row in enumerate(rows):  # a Dataset yields one dict per row, like a list
         if conversational:
             messages = conversation_messages(row[prompt_column], system_prompt, index)
-            texts.append(_apply_chat_template(tokenizer, messages, index))
+            texts.append(_apply_chat_template(tokenizer, messages, index, tools))
             continue
         text = template.format(**row) if template is not None else row[prompt_column]
         if use_chat_template:
             messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
             text = _apply_chat_template(tokenizer, [*messages, {"role": "user", "content": text}],
-                                        index)
+                                        index, tools)
         elif system_prompt:
             text = f"{system_prompt}\n\n{text}"
         texts.append(text)
@@ -120,9 +121,11 @@ def _check_chat_template(tokenizer, conversational_column: str | None) -> None:
         )
 
 
-def _apply_chat_template(tokenizer, messages: list[dict], index: int) -> str:
+def _apply_chat_template(tokenizer, messages: list[dict], index: int, tools=None) -> str:
+    # tools: plain functions; the template renders their JSON schemas (as TRL passes them)
     try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             tools=list(tools) if tools else None)
     except Exception as error:  # e.g. templates that reject a system message
         raise DataError(
             f"the tokenizer's chat template failed on row {index + 1}: "
@@ -198,6 +201,7 @@ def prepare_prompts(
     use_chat_template: bool = False,
     system_prompt: str | None = None,
     prompt_column: str = "prompt",
+    tools: Sequence | None = None,
 ) -> PreparedPrompts:
     """format_prompts then tokenize_prompts over a whole dataset, once, before training."""
     texts = format_prompts(
@@ -207,6 +211,7 @@ def prepare_prompts(
         use_chat_template=use_chat_template,
         system_prompt=system_prompt,
         prompt_column=prompt_column,
+        tools=tools,
     )
     conversational = template is None and is_conversational(dataset, prompt_column)
     tokenized = tokenize_prompts(

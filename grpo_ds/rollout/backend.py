@@ -71,6 +71,10 @@ class RolloutOutput:
     sampled_logprobs: torch.Tensor | None
     truncated: torch.Tensor  # [N*G] bool: reached max_new_tokens without a stop
     metrics: dict = field(default_factory=dict)  # tokens, seconds, gather seconds, gather mode
+    # Multi-turn (grpo_ds/agents): [N*G, Tc] 1 on the model's own tokens, 0 on observation
+    # tokens, which are attended to but not trained on; None = completion_mask.
+    loss_mask: torch.Tensor | None = None
+    columns: dict | None = None  # per-row lists the reward functions get as extra columns
 
 
 @runtime_checkable

@@ -51,7 +51,7 @@ class ColocatedRollout:
         self.backend.wake()
 
 
-def build_rollout(cfg: Config, policy, tokenizer) -> ColocatedRollout:
+def build_rollout(cfg: Config, policy, tokenizer):
     """The configured backend over the policy engine, hooks included."""
     r = cfg.rollout
     if r.backend == "hybrid":
@@ -62,4 +62,7 @@ def build_rollout(cfg: Config, policy, tokenizer) -> ColocatedRollout:
                                 max_batch_rows=r.max_batch_rows)
     else:  # validate() refuses it before launch; this guards callers that skip it
         raise ConfigError(f"rollout.backend={r.backend!r}: no such backend")
-    return ColocatedRollout(backend, policy)
+    from grpo_ds.agents.build import build_multiturn
+
+    # multi-turn (cfg.multiturn or a tool task): episodes of model and environment turns
+    return build_multiturn(cfg, ColocatedRollout(backend, policy), tokenizer)
