@@ -32,6 +32,7 @@ def test_lora_run_checkpoints_saves_and_exports(tmp_path):
                "--task.eval_size=16", "--train.eval_every=0", "--warmup.max_steps=4",
                "--warmup.eval_every=2", "--warmup.batch_size=16", "--grpo.beta=0.1",
                "--checkpoint.save_every=1", "--model.lora.rank=4", "--model.lora.alpha=8",
+               "--deepspeed.config=ds_configs/zero3_lora_offload.json",  # the LoRA preset
                # a length term: every group has distinct rewards, so step 1 moves the adapters
                "--rewards.functions=grpo_ds.tasks.arithmetic:exact_answer,"
                f"{REPO / 'tests' / 'scripts' / 'ckpt_reward.py'}:length_reward")
