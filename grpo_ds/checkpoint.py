@@ -373,6 +373,12 @@ def prepare_resume(path: Path, state: RunState, ds_config: dict, log) -> dict:
     import deepspeed.comm as dist
 
     world = dist.get_world_size()
+    if state.world_size != world and state.adapter_config is not None:
+        # The universal conversion has not been proven on a checkpoint without the frozen base.
+        raise CheckpointError(f"{path}: a LoRA checkpoint written by {state.world_size} ranks "
+                              f"cannot be resumed on {world}; resume on {state.world_size} ranks, "
+                              "or export the adapter (grpo-ds export) and start from it with "
+                              "--model.lora.adapter_path")
     if state.world_size != world and dist.get_rank() == 0:
         convert_to_universal(path, log)
     dist.barrier()

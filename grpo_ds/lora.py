@@ -206,6 +206,8 @@ def write_merged(lm: torch.nn.Module, merged: dict[str, torch.Tensor], tokenizer
 
     out_dir.mkdir(parents=True, exist_ok=True)
     config = lm.config
+    if getattr(config, "tie_word_embeddings", False):
+        merged = {k: v for k, v in merged.items() if k != "lm_head.weight"}  # the embedding's
     config.save_pretrained(str(out_dir))
     if getattr(lm, "generation_config", None) is not None:
         lm.generation_config.save_pretrained(str(out_dir))

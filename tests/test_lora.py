@@ -114,3 +114,37 @@ def test_fused_layers_stand_aside_for_adapters():
     assert fusable(copy.deepcopy(lm)) is None
     add_adapters(lm, LoraConfig(rank=2), 0)
     assert "LoRA" in fusable(lm)
+
+
+def test_adapter_gradient_is_the_same_with_gradient_checkpointing():
+    grads = []
+    for checkpointing in (False, True):
+        lm = tiny_llama()
+        add_adapters(lm, LoraConfig(rank=2), 0)
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(0.1 * torch.ones_like(p))
+        if checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy = CausalLMWithLogprobs(lm, chunk_size=8).train()
+        input_ids = torch.arange(4, 22).reshape(2, 9)
+        logprobs, _ = policy(input_ids, torch.ones_like(input_ids), input_ids[:, -3:])
+        logprobs.sum().backward()
+        grads.append({n: p.grad for n, p in lm.named_parameters() if p.requires_grad})
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[0].values())
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+def test_merged_save_of_a_tied_model_loads(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from grpo_ds.lora import write_merged
+
+    tokenizer = text_tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(llama_config(tokenizer, tie_word_embeddings=True))
+    state = lm.state_dict()  # lm_head.weight is the embedding's tensor: safetensors refuses both
+    write_merged(lm, state, tokenizer, tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(loaded.lm_head.weight, lm.model.embed_tokens.weight)
