@@ -58,6 +58,7 @@ class RunState:
     warmup_curve: list | None = None  # the built-in task's warm-up curve, for the summary
     nan_skipped_steps: int = 0  # steps skipped for a NaN/inf loss or gradient, in total
     bad_steps_in_a_row: int = 0  # ... and in a row up to `step`
+    adapter_config: dict | None = None  # model.lora: the PEFT adapter config (export writes it)
 
 
 def step_name(step: int) -> str:
@@ -253,6 +254,8 @@ class Checkpointer:
         self.engine, self.root, self.keep_last, self.source, self.log = (
             engine, Path(root), keep_last, source, log)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # frozen parameters (a LoRA base) are reloaded from the model path, not checkpointed
+        self.has_frozen = any(not p.requires_grad for p in engine.module.parameters())
 
     def latest(self) -> Path | None:
         name = latest_name(self.root)
@@ -272,7 +275,9 @@ class Checkpointer:
             shutil.rmtree(path)  # a failed save's leftovers; DeepSpeed's first barrier orders this
         started = time.time()
         try:
-            self.engine.save_checkpoint(str(self.root), tag=name, save_latest=False)
+            # With LoRA the frozen base is not saved: it is the model at state.model_path.
+            self.engine.save_checkpoint(str(self.root), tag=name, save_latest=False,
+                                        exclude_frozen_parameters=self.has_frozen)
             rank_state = {"rng": capture_rng(), "source": self.source.state_dict()
                           if hasattr(self.source, "state_dict") else None}
             torch.save(rank_state, self._rank_file(path, self.rank))
@@ -320,7 +325,8 @@ class Checkpointer:
         else:
             load_dir, tag = path.parent, path.name
         loaded, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
+                                                load_lr_scheduler_states=True,
+                                                load_module_strict=not self.has_frozen)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {load_dir / tag}")
         own = self._rank_file(path, self.rank)
@@ -367,6 +373,12 @@ def prepare_resume(path: Path, state: RunState, ds_config: dict, log) -> dict:
     import deepspeed.comm as dist
 
     world = dist.get_world_size()
+    if state.world_size != world and state.adapter_config is not None:
+        # The universal conversion has not been proven on a checkpoint without the frozen base.
+        raise CheckpointError(f"{path}: a LoRA checkpoint written by {state.world_size} ranks "
+                              f"cannot be resumed on {world}; resume on {state.world_size} ranks, "
+                              "or export the adapter (grpo-ds export) and start from it with "
+                              "--model.lora.adapter_path")
     if state.world_size != world and dist.get_rank() == 0:
         convert_to_universal(path, log)
     dist.barrier()

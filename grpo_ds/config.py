@@ -40,6 +40,26 @@ HOST_ALLOCATORS = ("auto", "tcmalloc", "system")
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the policy (grpo_ds/lora.py, through PEFT): only they train."""
+
+    rank: int | None = None
+    """Adapter rank r; 0 or null = LoRA off (full fine-tuning)."""
+    alpha: float = 16.0
+    """Scale numerator: the adapter's update is (alpha / rank) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input while training (never in generation or the reference)."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt (e.g. q_proj,v_proj), or all-linear: every Linear but lm_head."""
+    adapter_path: str | None = None
+    """A PEFT adapter directory to start from (its rank, alpha and targets replace the above)."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rank)
+
+
+@dataclass
 class ModelConfig:
     path: str | None = None
     """Local Hugging Face model directory. None builds the embedded default task's tiny Llama."""
@@ -66,6 +86,9 @@ class ModelConfig:
     """Built-in model only: number of decoder layers."""
     num_heads: int = 4
     """Built-in model only: attention heads."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA: `--model.lora.rank=8` trains adapters on a frozen base, and the KL reference is the
+    base itself (adapters off): no second model."""
 
 
 @dataclass
@@ -372,18 +395,29 @@ def _coerce(value, annotation: str, where: str):
     raise ConfigError(f"{where}: unsupported field type {annotation}")
 
 
-def _apply(cfg: Config, section: str, key: str, value, source: str) -> str:
+def _apply(cfg: Config, section: str, key: str, value, source: str, prefix: str = "") -> str:
     if not hasattr(cfg, section) or section.startswith("_"):
         names = ", ".join(f.name for f in dataclasses.fields(Config))
         raise ConfigError(f"{source}: unknown section '{section}' (sections: {names})")
     sub = getattr(cfg, section)
+    head = key.split(".", 1)[0]  # a nested section (model.lora.rank): descend into it
     hints = {f.name: f.type for f in dataclasses.fields(sub)}
-    if key not in hints:
+    if head not in hints:
         raise ConfigError(
-            f"{source}: unknown field '{section}.{key}' (fields: {', '.join(hints)})"
+            f"{source}: unknown field '{prefix}{section}.{key}' (fields: {', '.join(hints)})"
         )
-    setattr(sub, key, _coerce(value, str(hints[key]), f"{section}.{key}"))
-    return f"{section}.{key}"
+    if dataclasses.is_dataclass(getattr(sub, head)):
+        if "." in key:
+            return _apply(sub, head, key.split(".", 1)[1], value, source, f"{prefix}{section}.")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{section}.{key}' must be a mapping of fields")
+        for inner, item in value.items():
+            _apply(sub, head, inner, item, source, f"{prefix}{section}.")
+        return f"{prefix}{section}.{key}"
+    if "." in key:
+        raise ConfigError(f"{source}: '{section}.{head}' has no fields (got '{section}.{key}')")
+    setattr(sub, key, _coerce(value, str(hints[key]), f"{prefix}{section}.{key}"))
+    return f"{prefix}{section}.{key}"
 
 
 def load_config(path: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -588,6 +622,9 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     if cfg.task.name == "dataset" and cfg.model.path is None:
         raise ConfigError("model.path: required when task.name='dataset' (a local HF model dir)")
     load_ds_preset(cfg.deepspeed.config)
+    from grpo_ds.lora_checks import validate_lora
+
+    validate_lora(cfg)
     return batch_plan(cfg, world_size)
 
 

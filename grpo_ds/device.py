@@ -32,7 +32,7 @@ from grpo_ds.config import Config, ConfigError, load_ds_preset
 
 # CPU presets with a GPU twin in ds_configs/gpu/ (same name, same offload devices)
 GPU_PRESETS = ("zero3", "zero3_lean", "zero3_nvme", "zero3_offload_all",
-               "zero3_offload_optimizer")
+               "zero3_offload_optimizer", "zero3_lora_offload")
 CPU_KERNELS = ("model.fused_layers", "model.onednn_linears", "rollout.packed_weights")
 OPTIMIZER_NAMES = {"torch_adamw": "torch AdamW", "fused_adam": "DeepSpeed FusedAdam",
                    "cpu_adam": "DeepSpeedCPUAdam"}

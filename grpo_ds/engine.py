@@ -102,8 +102,9 @@ def build_policy(lm: torch.nn.Module, ds_config: dict, chunk_size: int, gradient
     if gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)
-    engine, *_ = deepspeed.initialize(model=module, model_parameters=module.parameters(),
-                                      config=ds_config)
+    # Only trainable parameters get an optimizer (with LoRA: the adapters; the base is frozen).
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=module, model_parameters=trainable, config=ds_config)
     return engine
 
 

@@ -1,4 +1,4 @@
-"""`grpo-ds export CHECKPOINT OUT_DIR [--dtype bfloat16|float32]`: a checkpoint -> Hugging Face model.
+"""`grpo-ds export CHECKPOINT OUT_DIR [--dtype bfloat16|float32] [--merge]`: a checkpoint -> Hugging Face model.
 
 CHECKPOINT is a step directory (`runs/x/checkpoints/step_000010`), a checkpoints directory or a
 run directory (both follow `latest`). The ZeRO-3 shards are consolidated on this machine's CPU by
@@ -7,6 +7,10 @@ fp32 weights, 4 bytes per parameter). The `lm.` prefix of the module DeepSpeed t
 (`CausalLMWithLogprobs.lm`) is stripped; the config and tokenizer come from the model the run
 started from, which the checkpoint records. The result loads with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR)`, without DeepSpeed.
+
+A LoRA run (model.lora) checkpoints the adapters only: OUT_DIR is then a PEFT adapter directory
+(`PeftModel.from_pretrained(base, OUT_DIR)`), or with `--merge` the base with the adapters merged
+(grpo_ds/lora_export.py).
 """
 
 from __future__ import annotations
@@ -25,22 +29,38 @@ PREFIX = "lm."
 
 def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The fp32 weights of the HF model inside a ZeRO checkpoint, named as HF names them."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     return {k.removeprefix(PREFIX): v for k, v in state.items()}
 
 
+def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: str) -> dict:
+    """DeepSpeed's consolidation of the ZeRO shards (CPU, no ranks); imported when called."""
+    from deepspeed.utils import zero_to_fp32
+
+    return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+
+
 def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
-           base: str | Path | None = None) -> Path:
-    """Write `out_dir` (safetensors, config, tokenizer) from a checkpoint; returns the step dir."""
+           base: str | Path | None = None, merge: bool = False) -> Path:
+    """Write `out_dir` (safetensors, config, tokenizer) from a checkpoint; returns the step dir.
+    A LoRA run's checkpoint gives a PEFT adapter directory, or with `merge` a merged model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = find_checkpoint(checkpoint)
-    base = Path(base or read_state(path).model_path)
+    state = read_state(path)
+    base = Path(base or state.model_path)
     if not (base / "config.json").is_file():
         raise CheckpointError(f"the run started from {base}, which holds no config.json: pass "
                               "--base DIR, a HF directory of the same architecture and tokenizer")
+    if state.adapter_config is not None:  # a LoRA run: the checkpoint holds the adapters only
+        from grpo_ds.lora_export import export_lora
+
+        raw = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        export_lora(raw, state.adapter_config, base, out_dir, DTYPES[dtype], merge)
+        return path
+    if merge:
+        raise CheckpointError(f"--merge: {path} is a full fine-tuning checkpoint (no LoRA "
+                              "adapters to merge); export it without --merge")
     weights = consolidated_weights(path)
     config = AutoConfig.from_pretrained(base)
     with torch.device("meta"):
@@ -62,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="dtype of the written weights (default bfloat16)")
     parser.add_argument("--base", default=None,
                         help="config + tokenizer source (default: the model the run started from)")
+    parser.add_argument("--merge", action="store_true",
+                        help="LoRA runs: write the base with the adapters merged in (a plain HF "
+                        "model) instead of a PEFT adapter directory")
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out_dir, args.dtype, args.base)
+        path = export(args.checkpoint, args.out_dir, args.dtype, args.base, args.merge)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"grpo-ds export: {err}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ SHAPE_FLAGS = {  # flag dest -> TrainingShape field
     "prompts_per_rank": "prompts_per_rank", "micro_batch": "micro_batch_size", "dtype": "dtype",
     "beta": "beta", "reference": "reference", "gradient_checkpointing": "gradient_checkpointing",
     "gather": "gather", "logprob_chunk": "logprob_chunk_size", "attention": "attention",
-    "max_batch_rows": "max_batch_rows",
+    "max_batch_rows": "max_batch_rows", "lora_rank": "lora_rank",
 }
 
 
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     shape.add_argument("--attention", choices=["sdpa", "eager"])
     shape.add_argument("--max-batch-rows", type=int,
                        help="rows one generation pass decodes (rollout.max_batch_rows)")
+    shape.add_argument("--lora-rank", type=int, help="model.lora.rank (0: full fine-tuning; "
+                       "LoRA: frozen base, adapter states, no reference weights)")
     ap.add_argument("--device-mem", type=float, help="GB per device (default: detected)")
     ap.add_argument("--margin", type=float, default=planner.DEFAULT_DEVICE_MARGIN,
                     help="share of a separate device's memory the verdict keeps free "
@@ -169,7 +171,8 @@ def format_table(plan: MemoryPlan) -> str:
     shape = (f"rollout: {s.prompts_per_rank} prompts/rank x G={s.group_size}{bound}, {s.prompt_len}+"
              f"{s.max_new_tokens} tokens, gather={s.gather} | update: micro-batch "
              f"{s.micro_batch_size}, checkpointing={checkpointing} | "
-             f"reference={s.reference_placement}")
+             f"reference={'base, adapters off' if s.lora_rank and s.beta else s.reference_placement}"
+             + (f" | LoRA rank {s.lora_rank} on {','.join(s.lora_targets)}" if s.lora_rank else ""))
     lines = [title, shape, "",
              f"{'per rank (GiB)':<30} {'phase':<11}{'device':>9} {'host':>9} {'nvme':>9}   note"]
     for c in plan.components:

@@ -152,6 +152,8 @@ class TrainingShape:
     attention: str = "sdpa"  # sdpa | eager
     packed_weights: str = "auto"  # auto | on | off: oneDNN copies of the Linears (CPU ranks)
     max_batch_rows: int | None = None  # rows one generation pass decodes (rollout.max_batch_rows)
+    lora_rank: int = 0  # model.lora.rank; 0 = full fine-tuning (grpo_ds/lora_plan.py)
+    lora_targets: tuple[str, ...] = ("all-linear",)  # model.lora.target_modules
 
     def __post_init__(self):
         for name, allowed in (("dtype", tuple(DTYPE_BYTES)), ("gather", ("full", "layers", "auto")),
@@ -160,6 +162,8 @@ class TrainingShape:
                               ("packed_weights", PACKED_WEIGHT_CHOICES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {', '.join(allowed)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank}: must be >= 0 (0 = no LoRA)")
         for name in ("group_size", "prompt_len", "max_new_tokens", "prompts_per_rank",
                      "micro_batch_size", "logprob_chunk_size"):
             if getattr(self, name) <= 0:
@@ -621,8 +625,16 @@ def plan_memory(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: 
     zero, p, rpn = zero_settings(ds_config), DTYPE_BYTES[training.dtype], world_size // nodes
     spec, w = model_spec, world_size
     step_temp = optimizer_step_temp_bytes(ds_config, zero, budgets.device_is_host)
-    components = (model_state_components("policy", spec, zero, w, p, step_temp)
-                  + reference_components(spec, training, zero, w, p)
+    policy_states = model_state_components("policy", spec, zero, w, p, step_temp)
+    reference = reference_components(spec, training, zero, w, p)
+    if training.lora_rank:  # frozen base + adapter states; the reference is the base itself
+        from grpo_ds.lora_plan import adapter_numel, lora_state_components
+
+        policy_states = lora_state_components(
+            spec, adapter_numel(spec, training.lora_rank, training.lora_targets), zero, w, p,
+            step_temp)
+        reference = [c for c in reference if c.phase != "persistent"]
+    components = (policy_states + reference
                   + generation_components(spec, training, zero, p, budgets.device_is_host)
                   + update_components(spec, training, zero, p)
                   + buffer_components(spec, zero, w, p, budgets.device_is_host))
@@ -712,4 +724,15 @@ def training_shape_from_config(cfg, world_size: int) -> TrainingShape:
         gradient_checkpointing=cfg.model.gradient_checkpointing, gather=cfg.rollout.gather,
         gather_budget_bytes=None if budget is None else int(budget * GIB),
         logprob_chunk_size=cfg.train.logprob_chunk_size,
-        packed_weights=cfg.rollout.packed_weights, max_batch_rows=cfg.rollout.max_batch_rows)
+        packed_weights=cfg.rollout.packed_weights, max_batch_rows=cfg.rollout.max_batch_rows,
+        lora_rank=planned_lora_rank(cfg), lora_targets=tuple(cfg.model.lora.target_modules))
+
+
+def planned_lora_rank(cfg) -> int:
+    """model.lora.rank, or the rank of the adapter it starts from (0: no LoRA)."""
+    lora = cfg.model.lora
+    if lora.adapter_path and not lora.rank:
+        from grpo_ds.lora_checks import check_adapter_dir
+
+        return int(check_adapter_dir(lora.adapter_path)["r"])
+    return lora.rank or 0

@@ -27,6 +27,7 @@ from grpo_ds.engine import (
     load_sharded,
 )
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
+from grpo_ds.lora_checks import lora_enabled
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
 from grpo_ds.preflight import ARITHMETIC_COLUMNS, check_rewards, row_columns
@@ -151,6 +152,11 @@ def train(cfg: Config) -> int:
     if state is not None:
         ds = prepare_resume(resume_from, state, ds, logger.print)
     lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype, cfg.model.attn_implementation)
+    adapters = None  # the PeftModel around lm when model.lora is on (grpo_ds/lora.py)
+    if lora_enabled(cfg):
+        from grpo_ds.lora import add_adapters
+
+        adapters = add_adapters(lm, cfg.model.lora, cfg.train.seed)
     for line in device.prepare_model(lm):
         logger.print(line)
     policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, cfg.model.gradient_checkpointing)
@@ -161,8 +167,16 @@ def train(cfg: Config) -> int:
     else:
         state = RunState(model_path=str(Path(model_path).resolve()), world_size=world,
                          warmup_curve=warmup_curve)
+    if adapters is not None:
+        from grpo_ds.lora import adapter_config_dict
+
+        state.adapter_config = adapter_config_dict(adapters)
     reference = None
-    if cfg.grpo.beta > 0:
+    if cfg.grpo.beta > 0 and adapters is not None:  # the base, adapters off: no second model
+        from grpo_ds.lora import AdapterFreeReference
+
+        reference = AdapterFreeReference(policy, adapters)
+    elif cfg.grpo.beta > 0:
         reference = build_reference(model_path, ds, cfg.deepspeed.reference_placement,
                                     cfg.model.dtype, cfg.train.logprob_chunk_size,
                                     device.prepare_model, cfg.model.attn_implementation)
@@ -172,7 +186,11 @@ def train(cfg: Config) -> int:
     if result["preempted"]:
         logger.close()
         return PREEMPTED_EXIT_CODE
-    if cfg.output.save_model:
+    if cfg.output.save_model and adapters is not None:
+        from grpo_ds.lora import save_adapter_and_merged
+
+        save_adapter_and_merged(policy, adapters, tokenizer, run_dir, cfg.model.dtype)
+    elif cfg.output.save_model:
         save_hf_model(policy, tokenizer, run_dir / "model", cfg.model.dtype)
     # Accuracies are null when there is no held-out set (the evaluation of nothing is NaN).
     summary = {"accuracy_before": result["accuracy_before"],

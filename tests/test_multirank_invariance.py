@@ -44,3 +44,10 @@ def test_gradient_is_invariant_to_micro_batches_and_ranks(tmp_path):
     # token_mean exactly, and more of them give another gradient, by definition.
     assert relative_error(single[("token_mean", 16)], single[("bnpo", 16)]) < 1e-6
     assert relative_error(single[("token_mean", 4)], single[("bnpo", 4)]) > 1e-3
+    # LoRA (issue 24): the adapters' gradient, and nothing else, is invariant too.
+    lora = single[("lora", 16)]
+    assert lora and all("lora_" in name for name in lora)
+    assert all(g.abs().sum() > 0 for g in lora.values())  # A's and B's: B was drawn non-zero
+    for other in (single[("lora", 4)], double[("lora", 8)], double[("lora", 2)]):
+        assert other.keys() == lora.keys()
+        assert relative_error(lora, other) < 1e-5

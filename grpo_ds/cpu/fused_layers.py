@@ -194,6 +194,8 @@ def fusable(model: nn.Module) -> str | None:
         return f"model_type {model_type!r} is not one of {FUSED_MODEL_TYPES}"
     if getattr(model.config, "hidden_act", None) not in ("silu", "swish"):
         return f"hidden_act {model.config.hidden_act!r} is not silu"
+    if any(hasattr(m, "lora_A") for m in model.modules()):
+        return "LoRA adapters wrap its Linears (the fused forward would skip them)"
     return None
 
 

@@ -2,7 +2,8 @@
 optimizer step, for several micro-batch sizes and each loss aggregation and loss variant, through
 the trainer's own `micro_batch_loss`, with HF's decoder layers and torch's default matmuls ("off")
 or the fused layers with oneDNN Linears ("on": model.fused_layers and model.onednn_linears).
-Rank 0 saves {(variant, micro): {param: grad}} to OUT.
+Rank 0 saves {(variant, micro): {param: grad}} to OUT; variant "lora" is a second engine per
+micro-batch size, LoRA adapters on a frozen base, whose gradient holds the adapters' only.
 
 One engine per micro-batch size serves every variant: after reading a step's gradient, an
 optimizer step at learning rate 0 clears it and leaves the weights as they were ("repeat" runs the
@@ -15,11 +16,12 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from grpo_ds.batch import RolloutBatch
-from grpo_ds.config import deepspeed_config, load_config, validate
+from grpo_ds.config import LoraConfig, deepspeed_config, load_config, validate
 from grpo_ds.cpu.fused_layers import apply_fused_layers
 from grpo_ds.cpu.onednn_linear import apply_onednn_linears
 from grpo_ds.device import resolve_config
 from grpo_ds.engine import build_policy, finish_rank, init_distributed
+from grpo_ds.lora import add_adapters
 from grpo_ds.model import build_tiny_llama
 from grpo_ds.trainer import micro_batch_loss, step_counts
 
@@ -85,7 +87,8 @@ def step_gradient(engine, cfg, batch: RolloutBatch, micro: int, world: int, with
         engine.backward(loss * world, scale_wrt_gas=False)
         if start != starts[-1]:
             engine.step()  # not a boundary: only advances DeepSpeed's micro-step counter
-    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()}
+    grads = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()
+             if p.requires_grad}  # with LoRA: the adapters
     engine.step()  # the boundary: learning rate 0, so it only clears the gradients
     return grads
 
@@ -106,7 +109,29 @@ def micro_gradients(micro: int, world: int, rank: int, layers: str) -> dict:
         variant_cfg, _ = config(micro, overrides, world)
         results[(name, micro)] = step_gradient(engine, variant_cfg, batch, micro, world, with_old)
     engine.destroy()
+    results[("lora", micro)] = lora_gradient(cfg, plan, batch, micro, world, layers)
     return results
+
+
+def lora_gradient(cfg, plan, batch: RolloutBatch, micro: int, world: int, layers: str) -> dict:
+    """The adapters' gradient (rank 4 on every Linear of the frozen base) for the "grpo" loss.
+    B is drawn at random (PEFT starts it at 0, where A's gradient is 0 too). The decoder layers
+    stay HF's (fused ones would skip the adapters); `layers` sets the oneDNN Linears."""
+    lm = build_tiny_llama(VOCAB, 32, 2, 4, 32, {"pad_token_id": 0}, seed=0)
+    add_adapters(lm, LoraConfig(rank=4, alpha=8), seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    apply_onednn_linears(lm, layers)
+    engine = build_policy(lm, deepspeed_config(cfg, plan), chunk_size=8,
+                          gradient_checkpointing=False)
+    for group in engine.optimizer.optimizer.param_groups:
+        group["lr"] = 0.0
+    grads = step_gradient(engine, cfg, batch, micro, world, with_old=False)
+    engine.destroy()
+    return grads
 
 
 def main() -> None:
