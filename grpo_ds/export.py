@@ -6,7 +6,9 @@ DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (no ranks, no GPU; it nee
 fp32 weights, 4 bytes per parameter). The `lm.` prefix of the module DeepSpeed trained
 (`CausalLMWithLogprobs.lm`) is stripped; the config and tokenizer come from the model the run
 started from, which the checkpoint records. The result loads with
-`AutoModelForCausalLM.from_pretrained(OUT_DIR)`, without DeepSpeed.
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)`, without DeepSpeed. The shards are unpickled
+with torch's weights-only loader and an allow-list (grpo_ds/safe_load.py): a crafted file is
+refused, never run.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from grpo_ds.checkpoint import CheckpointError, find_checkpoint, read_state
 from grpo_ds.model import DTYPES
+from grpo_ds.safe_load import UnsafeCheckpointError, safe_checkpoint_loading
 
 PREFIX = "lm."
 
@@ -27,7 +30,9 @@ def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The fp32 weights of the HF model inside a ZeRO checkpoint, named as HF names them."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    with safe_checkpoint_loading():  # zero_to_fp32 unpickles with weights_only=False
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent),
+                                                         tag=checkpoint.name)
     return {k.removeprefix(PREFIX): v for k, v in state.items()}
 
 
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.out_dir, args.dtype, args.base)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
         print(f"grpo-ds export: {err}", file=sys.stderr)
         return 2
     print(f"exported {path} -> {args.out_dir} ({args.dtype})")
