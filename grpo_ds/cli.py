@@ -21,6 +21,7 @@ from grpo_ds.checkpoint import CheckpointError, checkpoint_root, find_resume
 from grpo_ds.config import ConfigError, load_config, validate
 from grpo_ds.failures import rank_processes
 from grpo_ds.host_memory import HostAllocatorError, host_allocator_env
+from grpo_ds.run_lock import HELD_ENV, RunDirError, RunLock, check_fresh_start
 
 
 def free_port() -> int:
@@ -93,10 +94,28 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         cfg = load_config(args.config, overrides)
         num_ranks = cfg.deepspeed.num_gpus or default_num_ranks()
         validate(cfg, num_ranks)
-        find_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
+        resume_from = find_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
     except (ConfigError, CheckpointError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    try:  # held until the job ends; the kernel releases it if this process is killed
+        lock = RunLock(cfg.output.run_dir)
+    except RunDirError as err:
+        print(f"grpo-ds train: {err}", file=sys.stderr)
+        return 2
+    try:
+        if resume_from is None:
+            check_fresh_start(cfg.output.run_dir, checkpoint_root(cfg), args.overwrite)
+        return launch(args, cfg, overrides, num_ranks)
+    except RunDirError as err:
+        print(f"grpo-ds train: {err}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+
+
+def launch(args: argparse.Namespace, cfg, overrides: list[str], num_ranks: int) -> int:
+    """Check the port and the build locks, start the launcher, forward signals, wait."""
     port = cfg.deepspeed.master_port or free_port()
     problem = port_problem(port)
     if problem:
@@ -112,6 +131,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     except HostAllocatorError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    env[HELD_ENV] = str(os.path.realpath(cfg.output.run_dir))
     command = launcher_command(args.config, overrides, num_ranks, port)
     print(f"launching {num_ranks} ranks: {' '.join(command)}\n{allocator_note}", flush=True)
     # Own session: a terminal's Ctrl-C reaches only this process, which forwards it.
@@ -138,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="YAML config; overrides: --section.key=value")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|latest|PATH",
                        help="resume from a checkpoint (alone: auto, the latest if there is one)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a run_dir that holds an earlier run's output")
     sub.add_parser("plan", help="per-rank memory plan before launch", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: generation, step, memory")
     bench.add_argument("which", choices=["generation", "step", "memory"])

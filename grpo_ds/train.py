@@ -8,6 +8,7 @@ or SLURM script launch it themselves. It wires the parts together and hands over
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
 from grpo_ds.onednn_linear import apply_onednn_linears
 from grpo_ds.rewards import load_reward_function
+from grpo_ds.run_lock import RunDirError, rank_lock
 from grpo_ds.trainer import run_grpo, summary_path
 from grpo_ds.warmup import warm_start
 
@@ -82,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
     init_distributed()
+    try:  # launched without `grpo-ds train`: rank 0 holds the run dir (nothing is written first)
+        lock = rank_lock(cfg.output.run_dir, dist.get_rank())  # noqa: F841 - held until exit
+    except RunDirError as err:
+        print(f"grpo-ds: {err}", file=sys.stderr, flush=True)
+        os._exit(2)
     # An exception on any rank is printed once and ends this rank at once; the launcher then
     # stops the others.
     return run_rank(lambda: train(cfg), dist.get_rank(), cfg.output.run_dir)
