@@ -8,6 +8,7 @@ GPU, or 2 on a machine without GPUs (DeepSpeed's own default on CPU is the NUMA-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -21,6 +22,8 @@ from grpo_ds.checkpoint import CheckpointError, checkpoint_root, find_resume
 from grpo_ds.config import ConfigError, load_config, validate
 from grpo_ds.failures import rank_processes
 from grpo_ds.host_memory import HostAllocatorError, host_allocator_env
+from grpo_ds.lifeline import PARENT_ENV, die_with_parent, parent_token
+from grpo_ds.port_lock import PortTaken, claim_port
 from grpo_ds.run_lock import HELD_ENV, RunDirError, RunLock, check_fresh_start
 
 
@@ -98,44 +101,56 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     except (ConfigError, CheckpointError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    try:  # held until the job ends; the kernel releases it if this process is killed
-        lock = RunLock(cfg.output.run_dir)
-    except RunDirError as err:
-        print(f"grpo-ds train: {err}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as held:  # the port and the run dir stay claimed until the end
+        port, problem = claim_job(held, cfg, resume_from, args.overwrite)
+        if problem:
+            print(f"grpo-ds train: {problem}", file=sys.stderr)
+            return 2
+        return launch(port, args, cfg, overrides, num_ranks)
+
+
+def claim_job(held: contextlib.ExitStack, cfg, resume_from, overwrite: bool
+              ) -> tuple[int, str | None]:
+    """Claim the master port, then the run dir, for the whole job (`held` releases them):
+    (port, None), or (0, why not). Locks, not probes: two runs started at once cannot both pass
+    (grpo_ds/port_lock.py, grpo_ds/run_lock.py), and nothing is written before the run dir's."""
     try:
-        if resume_from is None:
-            check_fresh_start(cfg.output.run_dir, checkpoint_root(cfg), args.overwrite)
-        return launch(args, cfg, overrides, num_ranks)
-    except RunDirError as err:
-        print(f"grpo-ds train: {err}", file=sys.stderr)
-        return 2
-    finally:
-        lock.release()
-
-
-def launch(args: argparse.Namespace, cfg, overrides: list[str], num_ranks: int) -> int:
-    """Check the port and the build locks, start the launcher, forward signals, wait."""
-    port = cfg.deepspeed.master_port or free_port()
-    problem = port_problem(port)
+        port_lock = claim_port(cfg.deepspeed.master_port, cfg.output.run_dir, free_port)
+    except PortTaken as err:
+        return 0, f"deepspeed.master_port: {err}"
+    held.callback(port_lock.release)
+    problem = port_problem(port_lock.port)
     if problem:
         # Checked here because a busy port otherwise fails inside every rank, after the imports.
-        print(f"grpo-ds train: deepspeed.master_port: {problem}", file=sys.stderr)
-        return 2
+        return 0, f"deepspeed.master_port: {problem}"
     problem = build_lock_problem()
     if problem:  # otherwise every rank hangs, silently, where it loads DeepSpeed's ops
-        print(f"grpo-ds train: {problem}", file=sys.stderr)
-        return 2
+        return 0, problem
+    try:
+        run_lock = RunLock(cfg.output.run_dir)
+        held.callback(run_lock.release)
+        if resume_from is None:
+            check_fresh_start(cfg.output.run_dir, checkpoint_root(cfg), overwrite)
+    except RunDirError as err:
+        return 0, str(err)
+    return port_lock.port, None
+
+
+def launch(port: int, args: argparse.Namespace, cfg, overrides: list[str],
+           num_ranks: int) -> int:
+    """Start the launcher tied to this process, forward signals to the ranks, wait."""
     try:
         env, allocator_note = launcher_env(cfg.deepspeed.host_allocator)
     except HostAllocatorError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     env[HELD_ENV] = str(os.path.realpath(cfg.output.run_dir))
+    env[PARENT_ENV] = parent_token()  # ranks die with this process (grpo_ds/lifeline.py)
     command = launcher_command(args.config, overrides, num_ranks, port)
     print(f"launching {num_ranks} ranks: {' '.join(command)}\n{allocator_note}", flush=True)
     # Own session: a terminal's Ctrl-C reaches only this process, which forwards it.
-    process = subprocess.Popen(command, start_new_session=True, env=env)
+    process = subprocess.Popen(command, start_new_session=True, env=env,
+                               preexec_fn=die_with_parent)  # noqa: PLW1509 - no threads yet
 
     def forward(signum, _frame):
         # To the ranks only: they finish the step, save, and exit with 143, which the launcher

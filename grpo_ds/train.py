@@ -7,7 +7,12 @@ or SLURM script launch it themselves. It wires the parts together and hands over
 
 from __future__ import annotations
 
-import json
+if __name__ == "__main__":  # a rank: tie it to its job before the slow imports (lifeline.py)
+    from grpo_ds.lifeline import tie_rank_to_job
+
+    tie_rank_to_job()
+
+import json  # after the tie: a kill during these imports ends the rank too
 import os
 import sys
 import time
