@@ -16,6 +16,10 @@ Two choices worth knowing:
   (`log_softmax(logits / T)`), so the two can be compared token by token. With T == 0 (greedy)
   it is `log_softmax(logits)[token]` (T = 1).
 
+Non-finite logits (NaN, +inf, or a row that is all -inf: weights that diverged) cannot be sampled
+from; such a row draws from a uniform distribution instead, so decoding goes on, and reports a NaN
+log-prob. The trainer counts that as a bad step, like a NaN loss (grpo_ds/failures.py).
+
 Ties: the descending sort is stable, so among equal logits the lower token id ranks first. Top-k
 therefore keeps exactly k tokens, and greedy picks the lowest id among the maxima.
 """
@@ -95,6 +99,23 @@ def sample_next_tokens(
     log_softmax(logits / T) at the sampled tokens, before truncation (see module docstring).
     """
     logits = logits.float()
+    broken = nonfinite_rows(logits)
+    # No `if broken.any()`: that would be a device sync at every decode step.
+    logits = logits.masked_fill(broken.unsqueeze(-1), 0.0)  # these rows: a harmless uniform draw
+    tokens, logprobs = _sample(logits, uniforms, temperature, top_k, top_p)
+    return tokens, logprobs.masked_fill(broken, float("nan"))
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows of `logits [B, V]` with a NaN or +inf, or with no finite entry at all.
+
+    One reduction: logsumexp is NaN with a NaN, +inf with a +inf, -inf when every entry is -inf,
+    and finite otherwise (some -inf entries, a masked vocabulary, are fine)."""
+    return ~torch.isfinite(torch.logsumexp(logits, dim=-1))
+
+
+def _sample(logits: torch.Tensor, uniforms: torch.Tensor | None, temperature: float,
+            top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     if temperature <= 0.0:
         tokens = torch.argmax(logits, dim=-1)  # first maximum = lowest token id on ties
         logprobs = torch.log_softmax(logits, dim=-1)
