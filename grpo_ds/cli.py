@@ -24,6 +24,7 @@ from grpo_ds.failures import rank_processes
 from grpo_ds.host_memory import HostAllocatorError, host_allocator_env
 from grpo_ds.lifeline import PARENT_ENV, die_with_parent, parent_token
 from grpo_ds.port_lock import PortTaken, claim_port
+from grpo_ds.rewards.loading import RewardSpecError
 from grpo_ds.run_lock import HELD_ENV, RunDirError, RunLock, check_fresh_start
 
 
@@ -98,7 +99,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         num_ranks = cfg.deepspeed.num_gpus or default_num_ranks()
         validate(cfg, num_ranks)
         resume_from = find_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
-    except (ConfigError, CheckpointError) as err:
+    except (ConfigError, CheckpointError, RewardSpecError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     with contextlib.ExitStack() as held:  # the port and the run dir stay claimed until the end
