@@ -98,3 +98,19 @@ def test_kill_9_of_grpo_ds_train_leaves_no_process_of_the_job(tmp_path, when):
     finally:
         for p in psutil.Process().children(recursive=True):
             p.kill()
+
+
+def test_a_direct_launch_on_a_held_run_dir_stops_on_rank_0_and_writes_nothing_there(tmp_path):
+    from grpo_ds.run_lock import RunLock
+
+    held = RunLock(tmp_path / "run", log=lambda _msg: None)  # another run, live
+    try:
+        done = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1",
+                               "--master_port", str(free_port()), "--module", "grpo_ds.train",
+                               *TINY, f"--output.run_dir={tmp_path / 'run'}"], cwd=REPO, env=ENV,
+                              capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        held.release()
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and f"in use by another run (pid {os.getpid()}" in out, out[-3000:]
+    assert list((tmp_path / "run").iterdir()) == []  # no failure.txt, no metrics in its directory
