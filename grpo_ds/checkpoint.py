@@ -4,8 +4,9 @@ Layout, one directory per step (`checkpoint.dir`, default `<run_dir>/checkpoints
     latest                      the name of the newest complete checkpoint ("step_000010")
     step_000010/                DeepSpeed's own files: ZeRO-3 shards of weights and Adam moments,
                                 LR scheduler, engine counters (`engine.save_checkpoint`)
-    step_000010/grpo_rank_001.pt   per rank: RNG states (python, numpy, torch, accelerator), data
-                                   position (the source's state_dict, when it has one)
+    step_000010/grpo_rank_001.json per rank: RNG states (python, numpy, torch, accelerator), data
+                                   position (the source's state_dict, when it has one); JSON, so
+                                   reading it can run no code
     step_000010/grpo_state.json    the loop's state (`RunState`); written last, after every rank
                                    finished its files, so its presence marks a complete checkpoint
 
@@ -19,10 +20,14 @@ warm-up does not rerun: the state records the model the run started from (`run_d
 which also rebuilds the reference. With another number of ranks, the ZeRO-3 shards are first
 converted to DeepSpeed's universal checkpoint (`ds_to_universal`), which carries weights and Adam
 moments to any world size; RNG states then restart per rank (sampling seeds derive from the step).
+
+Every `.pt` file is read through `safe_load.safe_checkpoint_loading()`: pickles that name any type
+outside a small allow-list are refused, so a crafted checkpoint cannot run code on resume.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -37,9 +42,11 @@ import numpy as np
 import torch
 
 from grpo_ds.failures import fault
+from grpo_ds.safe_load import safe_checkpoint_loading, safe_torch_load
 
 STATE_FILE = "grpo_state.json"
 STEP_DIR = re.compile(r"^step_(\d+)$")
+ABANDONED_DIR = re.compile(r"^step_\d+\.abandoned-")  # named by `set_aside_newer`
 
 
 class CheckpointError(RuntimeError):
@@ -148,7 +155,9 @@ def step_dirs(root: Path) -> dict[int, Path]:
 
 def prune(root: Path, keep_last: int, current: int) -> None:
     """Delete checkpoints older than `current` beyond the newest `keep_last` complete ones, and
-    leftovers of failed saves. Never anything newer than `current`, nor what `latest` names."""
+    leftovers of failed saves. Never anything newer than `current`, nor what `latest` names.
+    Checkpoints set aside as `*.abandoned-*` count against `keep_last` too: they go once the run
+    has `keep_last` complete checkpoints of its own (with keep_last=0 every one is kept)."""
     dirs = step_dirs(root)
     complete = sorted(s for s, p in dirs.items() if s <= current and (p / STATE_FILE).is_file())
     keep = set(complete[-keep_last:] if keep_last else complete) | {current}
@@ -156,6 +165,10 @@ def prune(root: Path, keep_last: int, current: int) -> None:
     for step, path in dirs.items():
         if step < current and step not in keep and path.name != pointed:
             shutil.rmtree(path, ignore_errors=True)
+    if keep_last and len(complete) >= keep_last:
+        for child in root.iterdir():
+            if ABANDONED_DIR.match(child.name) and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
 
 
 def set_aside_newer(root: Path, start: int, log) -> None:
@@ -199,20 +212,50 @@ def trim_metrics(run_dir: Path, step: int) -> None:
 # per-rank state
 
 
+def _bytes_to_text(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _text_to_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
 def capture_rng() -> dict:
+    """Every RNG's state as JSON-able values (lists, numbers, base64 strings)."""
     from deepspeed.accelerator import get_accelerator
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(), "accelerator": get_accelerator().get_rng_state()}
+    version, mt_state, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt_state), gauss],
+            "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+            "torch": _bytes_to_text(torch.get_rng_state()),
+            "accelerator": _bytes_to_text(get_accelerator().get_rng_state())}
 
 
 def restore_rng(state: dict) -> None:
     from deepspeed.accelerator import get_accelerator
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    get_accelerator().set_rng_state(state["accelerator"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_text_to_bytes(state["torch"]))
+    get_accelerator().set_rng_state(_text_to_bytes(state["accelerator"]))
+
+
+def read_rank_state(path: Path) -> dict:
+    """A rank file: JSON; a `.pt` one from before JSON is read with numpy's array types allowed."""
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    from numpy._core.multiarray import _reconstruct
+
+    numpy_types = (_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType)  # the MT19937 keys
+    state = safe_torch_load(path, extra_globals=numpy_types)
+    rng = state["rng"]
+    state["rng"] = {"python": list(rng["python"]), "numpy": list(rng["numpy"]),
+                    "torch": _bytes_to_text(rng["torch"]),
+                    "accelerator": _bytes_to_text(rng["accelerator"])}
+    return state
 
 
 def universal_ds_config(ds_config: dict, state: RunState, world: int) -> dict:
@@ -235,9 +278,10 @@ def convert_to_universal(path: Path, log) -> Path:
 
     log(f"converting {path} to a universal checkpoint (the number of ranks changed)")
     shutil.rmtree(out, ignore_errors=True)
-    ds_to_universal(Namespace(input_folder=str(path), output_folder=str(out),
-                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                              strict=True, inject_missing_state=False))
+    with safe_checkpoint_loading():  # ds_to_universal unpickles with weights_only=False
+        ds_to_universal(Namespace(input_folder=str(path), output_folder=str(out),
+                                  num_extract_workers=1, num_merge_workers=1,
+                                  keep_temp_folder=False, strict=True, inject_missing_state=False))
     return out
 
 
@@ -262,7 +306,10 @@ class Checkpointer:
         return self.root / name if name else None
 
     def _rank_file(self, path: Path, rank: int) -> Path:
-        return path / f"grpo_rank_{rank:03d}.pt"
+        """This rank's JSON file; a checkpoint written before JSON has `.pt` ones instead."""
+        own = path / f"grpo_rank_{rank:03d}.json"
+        legacy = own.with_suffix(".pt")
+        return legacy if legacy.is_file() and not own.is_file() else own
 
     def save(self, state: RunState) -> Path:
         import deepspeed.comm as dist
@@ -280,8 +327,8 @@ class Checkpointer:
                                         exclude_frozen_parameters=self.has_frozen)
             rank_state = {"rng": capture_rng(), "source": self.source.state_dict()
                           if hasattr(self.source, "state_dict") else None}
-            torch.save(rank_state, self._rank_file(path, self.rank))
-            fsync_file(self._rank_file(path, self.rank))
+            write_durably(path / f"grpo_rank_{self.rank:03d}.json",
+                          json.dumps(rank_state).encode())
             if fault("sleep_in_save", state.step, self.rank):
                 (self.root / f"sleeping_in_save_rank{self.rank}").touch()
                 time.sleep(600)
@@ -324,14 +371,16 @@ class Checkpointer:
             load_dir, tag = path, "universal"  # converted by `prepare_resume`
         else:
             load_dir, tag = path.parent, path.name
-        loaded, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                                load_lr_scheduler_states=True,
-                                                load_module_strict=not self.has_frozen)
+        with safe_checkpoint_loading():  # DeepSpeed's loaders ask for weights_only=False
+            loaded, _ = self.engine.load_checkpoint(str(load_dir), tag=tag,
+                                                    load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True,
+                                                    load_module_strict=not self.has_frozen)
         if loaded is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint in {load_dir / tag}")
         own = self._rank_file(path, self.rank)
-        rank_state = torch.load(own if own.is_file() and not elastic
-                                else self._rank_file(path, 0), weights_only=False)
+        rank_state = read_rank_state(own if own.is_file() and not elastic
+                                     else self._rank_file(path, 0))
         if not elastic:
             restore_rng(rank_state["rng"])
         if rank_state["source"] is not None and hasattr(self.source, "load_state_dict"):

@@ -10,6 +10,7 @@ GPUs that SLURM or CUDA_VISIBLE_DEVICES assigned are the ones used (launch_devic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -24,6 +25,10 @@ from grpo_ds.config import ConfigError, load_config, validate
 from grpo_ds.cpu.host_memory import HostAllocatorError, host_allocator_env
 from grpo_ds.failures import rank_processes
 from grpo_ds.launch_devices import LaunchError, include_spec, launch_devices
+from grpo_ds.lifeline import PARENT_ENV, die_with_parent, parent_token
+from grpo_ds.port_lock import PortTaken, claim_port
+from grpo_ds.rewards.loading import RewardSpecError
+from grpo_ds.run_lock import HELD_ENV, RunDirError, RunLock, check_fresh_start
 
 
 def free_port() -> int:
@@ -117,8 +122,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         from grpo_ds.device import resolve_config
 
         resolve_config(cfg)
-        find_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
-    except (ConfigError, CheckpointError) as err:
+        resume_from = find_resume(cfg.checkpoint.resume, checkpoint_root(cfg))
+    except (ConfigError, CheckpointError, RewardSpecError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     except LaunchError as err:
@@ -131,25 +136,56 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     except ValueError as err:  # ConfigError, DataError, RewardSpecError: each names its input
         print(f"grpo-ds train: {err}", file=sys.stderr)
         return 2
-    port = cfg.deepspeed.master_port or free_port()
-    problem = port_problem(port)
+    with contextlib.ExitStack() as held:  # the port and the run dir stay claimed until the end
+        port, problem = claim_job(held, cfg, resume_from, args.overwrite)
+        if problem:
+            print(f"grpo-ds train: {problem}", file=sys.stderr)
+            return 2
+        return launch(port, args, cfg, overrides, num_ranks, devices)
+
+
+def claim_job(held: contextlib.ExitStack, cfg, resume_from, overwrite: bool
+              ) -> tuple[int, str | None]:
+    """Claim the master port, then the run dir, for the whole job (`held` releases them):
+    (port, None), or (0, why not). Locks, not probes: two runs started at once cannot both pass
+    (grpo_ds/port_lock.py, grpo_ds/run_lock.py), and nothing is written before the run dir's."""
+    try:
+        port_lock = claim_port(cfg.deepspeed.master_port, cfg.output.run_dir, free_port)
+    except PortTaken as err:
+        return 0, f"deepspeed.master_port: {err}"
+    held.callback(port_lock.release)
+    problem = port_problem(port_lock.port)
     if problem:
         # Checked here because a busy port otherwise fails inside every rank, after the imports.
-        print(f"grpo-ds train: deepspeed.master_port: {problem}", file=sys.stderr)
-        return 2
+        return 0, f"deepspeed.master_port: {problem}"
     problem = build_lock_problem()
     if problem:  # otherwise every rank hangs, silently, where it loads DeepSpeed's ops
-        print(f"grpo-ds train: {problem}", file=sys.stderr)
-        return 2
+        return 0, problem
+    try:
+        run_lock = RunLock(cfg.output.run_dir)
+        held.callback(run_lock.release)
+        if resume_from is None:
+            check_fresh_start(cfg.output.run_dir, checkpoint_root(cfg), overwrite)
+    except RunDirError as err:
+        return 0, str(err)
+    return port_lock.port, None
+
+
+def launch(port: int, args: argparse.Namespace, cfg, overrides: list[str],
+           num_ranks: int, devices) -> int:
+    """Start the launcher tied to this process, forward signals to the ranks, wait."""
     try:
         env, allocator_note = launcher_env(cfg.deepspeed.host_allocator)
     except HostAllocatorError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    env[HELD_ENV] = str(os.path.realpath(cfg.output.run_dir))
+    env[PARENT_ENV] = parent_token()  # ranks die with this process (grpo_ds/lifeline.py)
     command = launcher_command(args.config, overrides, num_ranks, port, devices)
     print(f"launching {num_ranks} ranks: {' '.join(command)}\n{allocator_note}", flush=True)
     # Own session: a terminal's Ctrl-C reaches only this process, which forwards it.
-    process = subprocess.Popen(command, start_new_session=True, env=env)
+    process = subprocess.Popen(command, start_new_session=True, env=env,
+                               preexec_fn=die_with_parent)  # noqa: PLW1509 - no threads yet
 
     def forward(signum, _frame):
         # To the ranks only: they finish the step, save, and exit with 143, which the launcher
@@ -172,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", nargs="?", help="YAML config; overrides: --section.key=value")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|latest|PATH",
                        help="resume from a checkpoint (alone: auto, the latest if there is one)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in a run_dir that holds an earlier run's output")
     sub.add_parser("plan", help="per-rank memory plan before launch", add_help=False)
     bench = sub.add_parser("bench", help="benchmarks: generation, step, memory, grading")
     bench.add_argument("which", choices=["generation", "step", "memory", "grading"])

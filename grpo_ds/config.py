@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from grpo_ds.agents.config import MultiTurnConfig, validate_multiturn
+from grpo_ds.config_bounds import check_bounds
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -544,6 +545,7 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
 
 def validate(cfg: Config, world_size: int) -> BatchPlan:
     """Check every field once, before any rank starts. Raises ConfigError naming field and value."""
+    check_bounds(cfg)  # finite floats, ints in range: one check driven by the fields' types
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
         if value not in allowed:

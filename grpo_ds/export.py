@@ -6,7 +6,9 @@ DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint` (no ranks, no GPU; it nee
 fp32 weights, 4 bytes per parameter). The `lm.` prefix of the module DeepSpeed trained
 (`CausalLMWithLogprobs.lm`) is stripped; the config and tokenizer come from the model the run
 started from, which the checkpoint records. The result loads with
-`AutoModelForCausalLM.from_pretrained(OUT_DIR)`, without DeepSpeed.
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)`, without DeepSpeed. The shards are unpickled
+with torch's weights-only loader and an allow-list (grpo_ds/safe_load.py): a crafted file is
+refused, never run.
 
 A LoRA run (model.lora) checkpoints the adapters only: OUT_DIR is then a PEFT adapter directory
 (`PeftModel.from_pretrained(base, OUT_DIR)`), or with `--merge` the base with the adapters merged
@@ -23,6 +25,7 @@ import torch
 
 from grpo_ds.checkpoint import CheckpointError, find_checkpoint, read_state
 from grpo_ds.model import DTYPES
+from grpo_ds.safe_load import UnsafeCheckpointError, safe_checkpoint_loading
 
 PREFIX = "lm."
 
@@ -34,10 +37,12 @@ def consolidated_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: str) -> dict:
-    """DeepSpeed's consolidation of the ZeRO shards (CPU, no ranks); imported when called."""
+    """DeepSpeed's consolidation of the ZeRO shards (CPU, no ranks); imported when called.
+    zero_to_fp32 unpickles with weights_only=False: here it reads weights-only (safe_load.py)."""
     from deepspeed.utils import zero_to_fp32
 
-    return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    with safe_checkpoint_loading():
+        return zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, dtype: str = "float32",
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = export(args.checkpoint, args.out_dir, args.dtype, args.base, args.merge)
-    except (CheckpointError, FileNotFoundError, ValueError) as err:
+    except (CheckpointError, UnsafeCheckpointError, FileNotFoundError, ValueError) as err:
         print(f"grpo-ds export: {err}", file=sys.stderr)
         return 2
     print(f"exported {path} -> {args.out_dir} ({args.dtype})")

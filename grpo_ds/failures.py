@@ -13,8 +13,10 @@ Non-finite steps. ZeRO-3 already discards an optimizer step whose global gradien
 (stage3.py `step` -> `is_invalid_grad_norm`): it zeroes the gradients, leaves weights, Adam moments
 and the LR schedule untouched, and counts `engine.skipped_steps` - on every rank, since the norm is
 all-reduced. A non-finite loss does not always make a non-finite gradient (a NaN under a zero mask
-does not), so `nan_gradient_loss` turns it into one. The loop counts skipped steps and aborts after
-`checkpoint.max_bad_steps` in a row, keeping the last checkpoint.
+does not), so `nan_gradient_loss` turns it into one. Non-finite logits met while sampling (weights
+gone non-finite) make NaN advantages (`poison_broken_sampling`), so that step is skipped the same
+way. The loop counts skipped steps and aborts after `checkpoint.max_bad_steps` in a row, keeping
+the last checkpoint.
 
 A failing rank. Its traceback is printed once, rank-prefixed, by the first rank to fail (claimed
 through the job's rendezvous store) and kept in `<run_dir>/failure.txt`; ranks that fail after it
@@ -88,6 +90,18 @@ def nan_gradient_loss(loss: torch.Tensor, logprobs: torch.Tensor) -> torch.Tenso
     if torch.isfinite(loss).all():
         return loss
     return logprobs.sum() * float("nan")
+
+
+def poison_broken_sampling(batch) -> float:
+    """The number of rows whose sampled log-probs are NaN on real tokens: the sampler met
+    non-finite logits there (rollout/sampling.py), so their tokens are not the policy's. If any,
+    the step must not train: NaN advantages give a NaN loss, which ZeRO-3 skips on every rank and
+    the loop counts like any NaN loss (checkpoint.max_bad_steps)."""
+    broken = (batch.sampled_logprobs.isnan() & batch.completion_mask.bool()).any(-1)
+    count = int(broken.sum())
+    if count:
+        batch.advantages = batch.advantages * float("nan")
+    return float(count)
 
 
 def count_bad_step(state, bad: bool, loss: float) -> int:

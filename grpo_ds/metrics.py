@@ -78,6 +78,7 @@ class RunLogger:
                 writer.add_scalar(key, value, step)
 
     def histogram(self, step: int, tag: str, values: torch.Tensor) -> None:
+        values = values[torch.isfinite(values)]  # a skipped NaN step: TensorBoard refuses all-NaN
         if self.rank == 0 and values.numel():
             self._event_writer().add_histogram(tag, values.float().cpu(), step)
 

@@ -7,8 +7,14 @@ or SLURM script launch it themselves. It wires the parts together and hands over
 
 from __future__ import annotations
 
-import json
+if __name__ == "__main__":  # a rank: tie it to its job before the slow imports (lifeline.py)
+    from grpo_ds.lifeline import tie_rank_to_job
+
+    tie_rank_to_job()
+
+import json  # after the tie: a kill during these imports ends the rank too
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +38,7 @@ from grpo_ds.metrics import RunLogger
 from grpo_ds.model import DTYPES, save_hf_model
 from grpo_ds.preflight import ARITHMETIC_COLUMNS, check_rewards, row_columns
 from grpo_ds.rewards import load_reward_function
+from grpo_ds.run_lock import RunDirError, rank_lock
 from grpo_ds.trainer import run_grpo, summary_path
 from grpo_ds.warmup import warm_start
 
@@ -113,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
     init_distributed(cfg.deepspeed.timeout_minutes)
+    try:  # launched without `grpo-ds train`: rank 0 holds the run dir (nothing is written first)
+        lock = rank_lock(cfg.output.run_dir, dist.get_rank())  # noqa: F841 - held until exit
+    except RunDirError as err:
+        print(f"grpo-ds: {err}", file=sys.stderr, flush=True)
+        os._exit(2)
     # An exception on any rank is printed once and ends this rank at once; the launcher then
     # stops the others.
     return run_rank(lambda: train(cfg), dist.get_rank(), cfg.output.run_dir)

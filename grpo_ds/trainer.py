@@ -35,6 +35,7 @@ from grpo_ds.failures import (
     count_bad_step,
     inject_faults,
     nan_gradient_loss,
+    poison_broken_sampling,
 )
 from grpo_ds.loss import grpo_loss, merge_loss_metrics
 from grpo_ds.metrics import peak_memory_metrics, synchronized_time
@@ -358,6 +359,8 @@ def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: RolloutB
                                               cfg.rollout.temperature)
     t2 = synchronized_time()
     metrics.update(score_advantages(cfg, batch, rewards))
+    # Rows sampled from non-finite logits: > 0 makes this a skipped, counted bad step.
+    metrics["rollout/nonfinite_logit_rows_per_rank"] = poison_broken_sampling(batch)
     inject_faults(step, rank, batch)  # tests only (GRPO_DS_FAULT); nothing when unset
     metrics.update(update(policy, batch, cfg, plan))
     if batch.old_logprobs is not None:

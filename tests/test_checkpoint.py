@@ -96,11 +96,12 @@ def test_trim_metrics_drops_lines_past_the_checkpoint(tmp_path):
 
 
 def test_rng_states_round_trip():
-    state = capture_rng()
-    first = (random.random(), np.random.rand(), torch.rand(1).item())
+    np.random.standard_normal()  # leaves a cached Gaussian, part of numpy's state too
+    state = json.loads(json.dumps(capture_rng()))  # as the per-rank JSON file stores them
+    first = (random.random(), np.random.standard_normal(), torch.rand(1).item())
     random.random(), np.random.rand(), torch.rand(3)  # move on
     restore_rng(state)
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == first
+    assert (random.random(), np.random.standard_normal(), torch.rand(1).item()) == first
 
 
 def test_cli_refuses_resume_latest_without_a_checkpoint_before_launching(tmp_path, capsys):
@@ -108,3 +109,27 @@ def test_cli_refuses_resume_latest_without_a_checkpoint_before_launching(tmp_pat
 
     assert main(["train", "--resume=latest", f"--output.run_dir={tmp_path}"]) == 2
     assert "checkpoint.resume=latest: no checkpoint" in capsys.readouterr().err
+
+
+def test_abandoned_checkpoints_count_against_keep_last(tmp_path):
+    for step in (1, 2, 3, 4):
+        make_step(tmp_path, step)
+    point_latest(tmp_path, step_name(4))
+    set_aside_newer(tmp_path, 1, lambda _msg: None)  # a resume from step 1: 2..4 set aside
+    assert len(list(tmp_path.glob("step_*.abandoned-*"))) == 3
+    make_step(tmp_path, 2)
+    prune(tmp_path, keep_last=3, current=2)  # only 2 of the run's own: the abandoned stay
+    assert len(list(tmp_path.glob("step_*.abandoned-*"))) == 3
+    make_step(tmp_path, 3)
+    prune(tmp_path, keep_last=3, current=3)  # 3 of its own: the abandoned go
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [
+        "step_000001", "step_000002", "step_000003"]
+
+
+def test_abandoned_checkpoints_are_kept_with_keep_last_zero(tmp_path):
+    for step in (1, 2):
+        make_step(tmp_path, step)
+    set_aside_newer(tmp_path, 1, lambda _msg: None)
+    make_step(tmp_path, 2)
+    prune(tmp_path, keep_last=0, current=2)
+    assert len(list(tmp_path.glob("step_*.abandoned-*"))) == 1

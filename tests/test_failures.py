@@ -94,3 +94,20 @@ def test_first_signal_requests_a_stop_a_later_one_exits_at_once(mode):
         assert result.returncode == 0 and "alive" in result.stdout
     else:
         assert result.returncode == -2 and "alive" not in result.stdout  # killed by SIGINT
+
+
+def test_rows_sampled_from_non_finite_logits_poison_the_step():
+    from types import SimpleNamespace
+
+    from grpo_ds.failures import poison_broken_sampling
+
+    nan = float("nan")
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    healthy = SimpleNamespace(sampled_logprobs=torch.tensor([[-1.0, -2.0, nan], [-1.0, -1.0, -1.0]]),
+                              completion_mask=mask, advantages=torch.tensor([0.5, -0.5]))
+    assert poison_broken_sampling(healthy) == 0.0  # a NaN past the end of a completion is padding
+    assert torch.isfinite(healthy.advantages).all()
+    broken = SimpleNamespace(sampled_logprobs=torch.tensor([[-1.0, nan, -1.0], [-1.0, -1.0, -1.0]]),
+                             completion_mask=mask, advantages=torch.tensor([0.5, -0.5]))
+    assert poison_broken_sampling(broken) == 1.0
+    assert broken.advantages.isnan().all()  # -> a NaN loss, skipped by ZeRO-3 and counted

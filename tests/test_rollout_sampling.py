@@ -136,3 +136,19 @@ def test_logprob_gap_over_masked_positions():
     assert gap["max_abs"] == pytest.approx(0.3, abs=1e-6)
     assert gap["mean_abs"] == pytest.approx(0.4 / 3, abs=1e-6)
     assert logprob_gap(sampled, trainer, torch.zeros_like(mask)) == {"max_abs": 0.0, "mean_abs": 0.0}
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 2, 0.9), (0.0, 0, 1.0)])
+def test_non_finite_logits_give_a_nan_logprob_not_a_crash(temperature, top_k, top_p):
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([[0.0, 1.0, 2.0], [nan, 0.0, 0.0], [inf, 0.0, 0.0], [-inf, -inf, -inf],
+                           [-inf, 0.0, 1.0]])  # the last: a masked token is fine
+    tokens, logprobs = sample_next_tokens(logits, torch.full((5,), 0.99), temperature, top_k,
+                                          top_p)
+    assert ((tokens >= 0) & (tokens < 3)).all()
+    assert logprobs[1:4].isnan().all()
+    assert torch.isfinite(logprobs[[0, 4]]).all()
+    # the healthy rows are sampled exactly as without the broken ones
+    alone, alone_lp = sample_next_tokens(logits[[0, 4]], torch.full((2,), 0.99), temperature,
+                                         top_k, top_p)
+    assert torch.equal(tokens[[0, 4]], alone) and torch.equal(logprobs[[0, 4]], alone_lp)

@@ -22,6 +22,10 @@ when positive, multiplied when negative) and banned tokens (stop tokens before m
 logit -inf). Like top-k/top-p they change what is sampled, not the reported log-prob, which stays
 the policy's own `log_softmax(logits / T)` that the trainer recomputes. Off, they cost nothing.
 
+Non-finite logits (NaN, +inf, or a row that is all -inf: weights that diverged) cannot be sampled
+from; such a row draws from a uniform distribution instead, so decoding goes on, and reports a NaN
+log-prob. The trainer counts that as a bad step, like a NaN loss (grpo_ds/failures.py).
+
 Ties: the descending sort is stable, so among equal logits the lower token id ranks first. Top-k
 therefore keeps exactly k tokens, and greedy picks the lowest id among the maxima.
 """
@@ -113,6 +117,25 @@ def sample_next_tokens(
     module docstring).
     """
     logits = logits.float()
+    broken = nonfinite_rows(logits)
+    # No `if broken.any()`: that would be a device sync at every decode step.
+    logits = logits.masked_fill(broken.unsqueeze(-1), 0.0)  # these rows: a harmless uniform draw
+    tokens, logprobs = _sample(logits, uniforms, temperature, top_k, top_p, banned_ids, seen,
+                               repetition_penalty)
+    return tokens, logprobs.masked_fill(broken, float("nan"))
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows of `logits [B, V]` with a NaN or +inf, or with no finite entry at all.
+
+    One reduction: logsumexp is NaN with a NaN, +inf with a +inf, -inf when every entry is -inf,
+    and finite otherwise (some -inf entries, a masked vocabulary, are fine)."""
+    return ~torch.isfinite(torch.logsumexp(logits, dim=-1))
+
+
+def _sample(logits: torch.Tensor, uniforms: torch.Tensor | None, temperature: float,
+            top_k: int, top_p: float, banned_ids: torch.Tensor | None, seen: torch.Tensor | None,
+            repetition_penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
     draw = logits
     if seen is not None and repetition_penalty != 1.0:
         draw = penalise_repetitions(draw, seen, repetition_penalty)
