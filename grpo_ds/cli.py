@@ -219,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return cmd_train(args, extra)
     if args.command == "plan":
-        from grpo_ds.plan_cli import main as plan_main
+        from grpo_ds.tools.plan_cli import main as plan_main
 
         return plan_main(extra)
     if args.command == "bench":
         import importlib
 
-        module = importlib.import_module(f"grpo_ds.bench.{args.which}")
+        module = importlib.import_module(f"grpo_ds.tools.bench.{args.which}")
         return module.main(extra)
     if args.command == "export":
         from grpo_ds.export import main as export_main

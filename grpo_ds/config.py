@@ -18,14 +18,11 @@ from pathlib import Path
 import yaml
 
 from grpo_ds.agents.config import MultiTurnConfig, validate_multiturn
-from grpo_ds.config_bounds import check_bounds
+from grpo_ds.config_bounds import bounds_problem
+from grpo_ds.config_error import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A config value is invalid. The message names the field and the value."""
 
 
 # Device-dependent choices: config names them, the device layer (grpo_ds/device.py) resolves
@@ -545,7 +542,9 @@ def batch_plan(cfg: Config, world_size: int) -> BatchPlan:
 
 def validate(cfg: Config, world_size: int) -> BatchPlan:
     """Check every field once, before any rank starts. Raises ConfigError naming field and value."""
-    check_bounds(cfg)  # finite floats, ints in range: one check driven by the fields' types
+    problem = bounds_problem(cfg)  # finite floats, ints in range: driven by the fields' types
+    if problem:
+        raise ConfigError(problem)
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
         if value not in allowed:

@@ -82,10 +82,9 @@ def bound_problem(dotted: str, name: str, value) -> str | None:
     return None
 
 
-def check_bounds(cfg) -> None:
-    """Raise ConfigError for the first numeric field value outside what can work."""
-    from grpo_ds.config import ConfigError
-
+def bounds_problem(cfg) -> str | None:
+    """Why the first numeric field value outside what can work cannot work, or None (config.py
+    raises it as a ConfigError; this module imports nothing of config's, so no cycle)."""
     for section in dataclasses.fields(cfg):
         group = getattr(cfg, section.name)
         for field in dataclasses.fields(group):
@@ -93,4 +92,5 @@ def check_bounds(cfg) -> None:
             for name, value in _numbers(dotted, getattr(group, field.name)):
                 problem = bound_problem(dotted, name, value)
                 if problem:
-                    raise ConfigError(problem)
+                    return problem
+    return None

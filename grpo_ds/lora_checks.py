@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from grpo_ds.config import Config, ConfigError
+from grpo_ds.config_error import ConfigError
+
+if TYPE_CHECKING:  # config.validate calls these checks: no import back at run time
+    from grpo_ds.config import Config
 
 # The log-prob head and the embeddings are called outside the decoder layers (logprobs.py, the
 # rollout's layer path); adapters there are untested, so they are refused, not silently run.

@@ -1,10 +1,10 @@
-"""The generation bench's ceiling parts (grpo_ds/bench/ceiling.py), counted by hand."""
+"""The generation bench's ceiling parts (grpo_ds/tools/bench/ceiling.py), counted by hand."""
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from grpo_ds.bench import ceiling
-from grpo_ds.bench.ceiling import DecodeShape, kv_read_bytes, weight_matmuls
+from grpo_ds.tools.bench import ceiling
+from grpo_ds.tools.bench.ceiling import DecodeShape, kv_read_bytes, weight_matmuls
 
 # 2 prompts of 4 tokens, G = 3 (6 rows), 3 new tokens: decode forwards k = 1, 2
 SHAPE = DecodeShape(prompts=2, group_size=3, prompt_len=4, new_tokens=3, layers=1, kv_dim=8)

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from grpo_ds.critic import value_loss
+from grpo_ds.tools.critic import value_loss
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_value_loss_by_hand():
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
 def test_peak_restarts_at_current_rss():
-    from grpo_ds.bench.common import memory_status, restart_peaks
+    from grpo_ds.tools.bench.common import memory_status, restart_peaks
 
     block = torch.ones(50 * 2**20)  # 200 MiB, touched
     del block
@@ -46,10 +46,10 @@ def test_peak_restarts_at_current_rss():
 
 
 def test_presets_offload_where_their_names_say():
-    from grpo_ds import planner
-    from grpo_ds.bench.memory import PRESETS
-    from grpo_ds.bench.memory_worker import fill_nvme_path
     from grpo_ds.config import load_ds_preset
+    from grpo_ds.tools import planner
+    from grpo_ds.tools.bench.memory import PRESETS
+    from grpo_ds.tools.bench.memory_worker import fill_nvme_path
 
     expected = {"zero3": ("none", "none"), "zero3_lean": ("none", "none"),
                 "zero3_offload_optimizer": ("cpu", "none"),
@@ -103,7 +103,7 @@ def test_quick_bench_reports_planned_and_measured_peaks():
 
 
 def libaio_problem() -> str | None:
-    from grpo_ds.bench.memory import nvme_problem
+    from grpo_ds.tools.bench.memory import nvme_problem
 
     return nvme_problem()
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from grpo_ds.bench.mfu import ModelShape, forward_flops, generation_flops, train_flops
-from grpo_ds.bench.step import Workload, build_lm, phase_flops
+from grpo_ds.tools.bench.mfu import ModelShape, forward_flops, generation_flops, train_flops
+from grpo_ds.tools.bench.step import Workload, build_lm, phase_flops
 
 
 def test_flop_formulas_by_hand():
@@ -67,7 +67,7 @@ def test_bench_step_quick_prints_one_json_line():
 def test_matmul_peak_is_the_fastest_kernel_and_size():
     import torch
 
-    from grpo_ds.bench.mfu import matmul_peak, peak_kernels
+    from grpo_ds.tools.bench.mfu import matmul_peak, peak_kernels
 
     peak = matmul_peak(torch.float32, seconds_per_size=0.01, sizes=(32, 64))
     kernels = peak_kernels(torch.float32)

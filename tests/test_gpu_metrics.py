@@ -18,8 +18,8 @@ import time
 import pytest
 import torch
 
-from grpo_ds.bench.mfu import device_peak_dtypes, matmul_peak
 from grpo_ds.metrics import peak_memory_bytes, peak_reserved_bytes, synchronized_time
+from grpo_ds.tools.bench.mfu import device_peak_dtypes, matmul_peak
 
 
 class HostEvent:
@@ -134,7 +134,7 @@ def test_gpu_peak_dtypes_are_bf16_and_the_runs():
 
 
 def test_cpu_peak_times_the_cpu_kernels_in_the_runs_dtype(one_thread):
-    from grpo_ds.bench.mfu import peak_kernels
+    from grpo_ds.tools.bench.mfu import peak_kernels
 
     peak = matmul_peak(torch.float32, seconds_per_size=0.01)  # the CPU accelerator
     assert peak["device"] == "cpu" and "bf16_flops" not in peak

@@ -1,6 +1,6 @@
 """Chunked log-probs hold O(chunk x vocab) memory, whatever the number of positions.
 
-Measured as the process's RSS high-water mark (grpo_ds.bench.memory_worker's logprob worker, in
+Measured as the process's RSS high-water mark (grpo_ds.tools.bench.memory_worker's logprob worker, in
 a fresh process), for 256 and 1024 positions: full logits grow 4x with the positions, chunks
 must not grow, with or without entropy in the graph.
 """
@@ -12,13 +12,13 @@ import sys
 
 import pytest
 
-from grpo_ds.bench.memory import MALLOC_FOLLOWS_LIVE_MEMORY
+from grpo_ds.tools.bench.memory import MALLOC_FOLLOWS_LIVE_MEMORY
 
 
 @pytest.fixture(scope="module")
 def peaks(tmp_path_factory):
     out = tmp_path_factory.mktemp("logprobs") / "peaks.json"
-    cmd = [sys.executable, "-m", "grpo_ds.bench.memory_worker", "--logprob-worker",
+    cmd = [sys.executable, "-m", "grpo_ds.tools.bench.memory_worker", "--logprob-worker",
            "--out", str(out), "--logprob-shape", "256+1024,32000,64", "--chunks", "64"]
     subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.DEVNULL,
                    env={**os.environ, **MALLOC_FOLLOWS_LIVE_MEMORY})

@@ -1,4 +1,4 @@
-"""The planner under LoRA (grpo_ds/lora_plan.py): adapter counts by hand and against PEFT, and
+"""The planner under LoRA (grpo_ds/tools/lora_plan.py): adapter counts by hand and against PEFT, and
 the plan's model states and reference with the base frozen and the reference as the base."""
 
 import dataclasses
@@ -7,12 +7,13 @@ import json
 import pytest
 from transformers import LlamaForCausalLM
 
-from grpo_ds import model_spec, planner
+from grpo_ds import model_spec
 from grpo_ds.config import LoraConfig, load_config
 from grpo_ds.lora import adapter_numel as peft_adapter_numel
 from grpo_ds.lora import add_adapters
-from grpo_ds.lora_plan import adapter_numel
-from grpo_ds.plan_cli import main
+from grpo_ds.tools import planner
+from grpo_ds.tools.lora_plan import adapter_numel
+from grpo_ds.tools.plan_cli import main
 from tests.test_planner import PARAM_CPU, PER_RANK, SHAPE, SMALL, N, plan
 from tests.tiny_models import llama_config, text_tokenizer
 

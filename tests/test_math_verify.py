@@ -188,7 +188,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_grading_bench_runs_and_grades_its_workload(capsys):
-    from grpo_ds.bench.grading import main
+    from grpo_ds.tools.bench.grading import main
 
     assert main(["--samples", "20", "--chars", "300", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

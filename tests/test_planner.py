@@ -10,9 +10,10 @@ import textwrap
 
 import pytest
 
-from grpo_ds import model_spec, planner
-from grpo_ds.plan_cli import main
-from grpo_ds.planner import Budgets, TrainingShape
+from grpo_ds import model_spec
+from grpo_ds.tools import planner
+from grpo_ds.tools.plan_cli import main
+from grpo_ds.tools.planner import Budgets, TrainingShape
 
 GIB = 2**30
 

@@ -22,10 +22,10 @@ def rank_main(out_dir: Path) -> None:
     import deepspeed.comm as dist
     import torch
 
-    from grpo_ds.bench.common import memory_status
     from grpo_ds.config import deepspeed_config, load_config, validate
     from grpo_ds.device import resolve_config
     from grpo_ds.engine import build_policy, build_reference, init_distributed, load_sharded
+    from grpo_ds.tools.bench.common import memory_status
     from tests.tiny_models import save_causal_lm, text_tokenizer
 
     init_distributed()

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.mark.multirank
 def test_generation_bench_quick_prints_one_json_line():
-    cmd = [sys.executable, "-m", "grpo_ds.bench.generation", "--quick", "--json", "--repeats", "1",
+    cmd = [sys.executable, "-m", "grpo_ds.tools.bench.generation", "--quick", "--json", "--repeats", "1",
            "--timeout", "240"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,7 +34,7 @@ def test_generation_bench_quick_prints_one_json_line():
     assert floor["tokens"] == kv["tokens"] == both["tokens"] == expected
     assert 0 < floor["fraction_of_peak"] and floor["x_vs_c"] > both["x_vs_c"] > 0
     assert both["seconds"] == floor["seconds"] + kv["seconds"]
-    from grpo_ds.bench.ceiling import DecodeShape, kv_read_bytes
+    from grpo_ds.tools.bench.ceiling import DecodeShape, kv_read_bytes
 
     shape = DecodeShape(w["prompts_per_rank"], w["group_size"], w["prompt_len"], w["new_tokens"],
                         w["layers"], w["hidden"])

@@ -1,11 +1,11 @@
-"""The rank side of `grpo-ds bench memory` (grpo_ds/bench/memory.py launches it).
+"""The rank side of `grpo-ds bench memory` (grpo_ds/tools/bench/memory.py launches it).
 
-    deepspeed --num_gpus 2 --module grpo_ds.bench.memory_worker --worker --out F --run '{json Run}'
+    deepspeed --num_gpus 2 --module grpo_ds.tools.bench.memory_worker --worker --out F --run '{json Run}'
 
 A rank builds the policy and the frozen reference inside `zero.Init` (random init, seed 0, so no
 rank ever holds a whole model), then runs real GRPO steps with the trainer's own functions:
 `generate_and_score` (HybridRollout), `forward_logprobs` on the reference, `score_advantages`,
-`update`. With `critic`, a value model of the policy's shape (grpo_ds/critic.py: body + scalar
+`update`. With `critic`, a value model of the policy's shape (grpo_ds/tools/critic.py: body + scalar
 head, its own AdamW, the same ZeRO config) is built next and the same steps run again with the
 critic's forward before the update and its forward+backward+step after it: the PPO-style step
 that GRPO avoids. Rank 0 writes every rank's peaks, phases and losses to F.
@@ -27,7 +27,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-from grpo_ds.bench.common import (
+from grpo_ds.tools.bench.common import (
     device_peak,
     memory_status,
     restart_peaks,
@@ -117,8 +117,9 @@ def run_config(run: Run, world: int):
 
 def planned(run: Run, cfg, ds: dict, world: int) -> dict:
     """The planner's per-rank peak for this exact run (RAM per rank on CPU, device on GPU)."""
-    from grpo_ds import model_spec, planner
-    from grpo_ds.plan_cli import detect_budgets
+    from grpo_ds import model_spec
+    from grpo_ds.tools import planner
+    from grpo_ds.tools.plan_cli import detect_budgets
 
     spec = model_spec.llama_spec(llama_config(run.size).to_dict(), run.size)
     shape = planner.training_shape_from_config(cfg, world)
@@ -201,7 +202,7 @@ def build_critic(ctx: dict, peaks: Peaks):
     import deepspeed
     import torch
 
-    from grpo_ds.critic import build_value_model
+    from grpo_ds.tools.critic import build_value_model
 
     ds = json.loads(json.dumps(ctx["ds"]))
     zero = ds["zero_optimization"]
@@ -219,8 +220,8 @@ def build_critic(ctx: dict, peaks: Peaks):
 
 def grpo_step(ctx: dict, peaks: Peaks, step: int, critic=None) -> dict:
     """One GRPO step through the trainer's functions (plus the critic's work when given)."""
-    from grpo_ds.bench.step import even_share
-    from grpo_ds.critic import critic_update, critic_values
+    from grpo_ds.tools.bench.step import even_share
+    from grpo_ds.tools.critic import critic_update, critic_values
     from grpo_ds.trainer import (
         forward_logprobs,
         generate_and_score,
@@ -257,8 +258,8 @@ def setup(run: Run, peaks: Peaks) -> dict:
     import torch
     from deepspeed import comm as dist
 
-    from grpo_ds.bench.step import build_tokenizer
     from grpo_ds.rollout import HybridRollout
+    from grpo_ds.tools.bench.step import build_tokenizer
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg, plan, ds = run_config(run, world)

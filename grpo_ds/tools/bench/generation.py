@@ -1,9 +1,9 @@
 """Benchmark: generation throughput of HybridRollout vs the usual ways to sample under ZeRO-3.
 
-    python -m grpo_ds.bench.generation [--json] [--quick] [--dtype float32|bfloat16]
+    python -m grpo_ds.tools.bench.generation [--json] [--quick] [--dtype float32|bfloat16]
                                        [--ranks N] [--methods a,b,c,...]
 
-starts `deepspeed --num_gpus N --module grpo_ds.bench.generation --worker ...` (N = --ranks,
+starts `deepspeed --num_gpus N --module grpo_ds.tools.bench.generation --worker ...` (N = --ranks,
 default 2) and prints a table (or, with --json, one JSON object on one line). --methods runs only
 the named methods below (default: all; "ceiling" names f, k and f+k together); the GPU check
 leaves out d, whose CUDA kernels would first compile for minutes, and the ceiling, which times
@@ -61,7 +61,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from grpo_ds.bench.common import launch_workers
+from grpo_ds.tools.bench.common import launch_workers
 
 EOS_ID, PAD_ID, EOS_SCALE = 1, 0, 100.0
 
@@ -281,7 +281,7 @@ def worker(args) -> None:
 
 
 def decode_shape(w: Workload, prompts: int):
-    from grpo_ds.bench.ceiling import DecodeShape
+    from grpo_ds.tools.bench.ceiling import DecodeShape
 
     return DecodeShape(prompts=prompts, group_size=w.group_size, prompt_len=w.prompt_len,
                        new_tokens=w.new_tokens, layers=w.layers, kv_dim=w.hidden)
@@ -292,10 +292,10 @@ def measure_ceiling(engine, prompts, w: Workload, repeats: int) -> dict:
     once: {"floor": the weight matmuls on the weights held as ours holds them (full_gather,
     oneDNN copies where supported) with their fraction of the dense matmul peak, "kv_read": the
     KV cache bytes read at stream rate, "floor+kv": the two one after the other}."""
-    from grpo_ds.bench.ceiling import kv_read_bytes, stream_reads, weight_matmuls
-    from grpo_ds.bench.mfu import peak_all_ranks
     from grpo_ds.cpu.packed_linear import packing_supported
     from grpo_ds.rollout.gather import full_gather, suspend_zero3_hooks
+    from grpo_ds.tools.bench.ceiling import kv_read_bytes, stream_reads, weight_matmuls
+    from grpo_ds.tools.bench.mfu import peak_all_ranks
 
     module, shape = engine.module, decode_shape(w, len(prompts))
     dtype = next(module.parameters()).dtype
@@ -423,7 +423,7 @@ def main(argv=None) -> int:
     passed = (["--repeats", str(args.repeats), "--dtype", args.dtype, "--methods", args.methods]
               + (["--quick"] if args.quick else []))
     passed += ["--profile", os.path.abspath(args.profile)] if args.profile else []
-    report = add_ratios(launch_workers("grpo_ds.bench.generation", args.ranks, passed,
+    report = add_ratios(launch_workers("grpo_ds.tools.bench.generation", args.ranks, passed,
                                        args.timeout))
     print(json.dumps(report) if args.json else format_table(report))
     return 0

@@ -54,6 +54,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from types import SimpleNamespace
 
 from grpo_ds.config import PACKED_WEIGHT_CHOICES
 from grpo_ds.model_spec import SAMPLING_BYTES_PER_LOGIT, ModelSpec, kv_cache_bytes
@@ -152,7 +153,7 @@ class TrainingShape:
     attention: str = "sdpa"  # sdpa | eager
     packed_weights: str = "auto"  # auto | on | off: oneDNN copies of the Linears (CPU ranks)
     max_batch_rows: int | None = None  # rows one generation pass decodes (rollout.max_batch_rows)
-    lora_rank: int = 0  # model.lora.rank; 0 = full fine-tuning (grpo_ds/lora_plan.py)
+    lora_rank: int = 0  # model.lora.rank; 0 = full fine-tuning (grpo_ds/tools/lora_plan.py)
     lora_targets: tuple[str, ...] = ("all-linear",)  # model.lora.target_modules
 
     def __post_init__(self):
@@ -628,7 +629,7 @@ def plan_memory(model_spec: ModelSpec, ds_config: dict, world_size: int, nodes: 
     policy_states = model_state_components("policy", spec, zero, w, p, step_temp)
     reference = reference_components(spec, training, zero, w, p)
     if training.lora_rank:  # frozen base + adapter states; the reference is the base itself
-        from grpo_ds.lora_plan import adapter_numel, lora_state_components
+        from grpo_ds.tools.lora_plan import adapter_numel
 
         policy_states = lora_state_components(
             spec, adapter_numel(spec, training.lora_rank, training.lora_targets), zero, w, p,
@@ -736,3 +737,15 @@ def planned_lora_rank(cfg) -> int:
 
         return int(check_adapter_dir(lora.adapter_path)["r"])
     return lora.rank or 0
+
+
+def lora_state_components(spec: ModelSpec, adapters: int, zero, world: int, p: int,
+                          step_temp: int) -> list:
+    """The policy's model states under LoRA: the frozen base's partitions plus the adapters'
+    full model states (named "policy ..." so planner.model_states_figure counts them)."""
+    base = _placed("policy base params (frozen)", "persistent",
+                   p * spec.total_params / world if zero.stage >= 3 else p * spec.total_params,
+                   zero.offload_param, f"{p} B/param / {world}, no grads or optimizer")
+    states = model_state_components("policy adapters", SimpleNamespace(total_params=adapters),
+                                    zero, world, p, step_temp)
+    return [base, *states]

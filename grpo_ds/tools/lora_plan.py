@@ -1,4 +1,5 @@
-"""What LoRA (model.lora) changes in the memory plan (planner.py), per rank.
+"""What LoRA (model.lora) changes in the memory plan (planner.py), per rank: the adapters' sizes here,
+their states in planner.lora_state_components.
 
 With N base parameters, n adapter parameters, W ranks and p bytes of the training dtype:
     base params        p N/W      frozen ZeRO-3 partitions (device, or host/NVMe with offload_param);
@@ -12,8 +13,6 @@ B [d_out, r]); `all-linear` adapts every Linear of the decoder layers (not lm_he
 """
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 from grpo_ds.model_spec import ModelSpec
 
@@ -37,16 +36,3 @@ def adapter_numel(spec: ModelSpec, rank: int, targets: tuple[str, ...] = ("all-l
                          "(Llama-family Linears) or all-linear")
     return spec.num_layers * sum(rank * (shapes[n][0] + shapes[n][1]) for n in names)
 
-
-def lora_state_components(spec: ModelSpec, adapters: int, zero, world: int, p: int,
-                          step_temp: int) -> list:
-    """The policy's model states under LoRA: the frozen base's partitions plus the adapters'
-    full model states (named "policy ..." so planner.model_states_figure counts them)."""
-    from grpo_ds.planner import _placed, model_state_components
-
-    base = _placed("policy base params (frozen)", "persistent",
-                   p * spec.total_params / world if zero.stage >= 3 else p * spec.total_params,
-                   zero.offload_param, f"{p} B/param / {world}, no grads or optimizer")
-    states = model_state_components("policy adapters", SimpleNamespace(total_params=adapters),
-                                    zero, world, p, step_temp)
-    return [base, *states]

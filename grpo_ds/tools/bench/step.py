@@ -7,7 +7,7 @@
                                   onednn_linears=off,...]
                        [--rounds K]
 
-starts `deepspeed --num_gpus N --module grpo_ds.bench.step --worker ...` and prints a table (or,
+starts `deepspeed --num_gpus N --module grpo_ds.tools.bench.step --worker ...` and prints a table (or,
 with --json, one JSON object on one line with `mfu_update` and `mfu_step` among its keys).
 
 --compare runs other configurations in the same invocation, each a fresh launch differing from
@@ -51,9 +51,9 @@ import os
 import sys
 from dataclasses import asdict, dataclass, replace
 
-from grpo_ds.bench.common import Clock, gather_floats, launch_workers, say
 from grpo_ds.config import FUSED_LAYER_CHOICES, ONEDNN_LINEAR_CHOICES
 from grpo_ds.cpu.host_memory import HOST_ALLOCATORS
+from grpo_ds.tools.bench.common import Clock, gather_floats, launch_workers, say
 
 
 @dataclass(frozen=True)
@@ -246,7 +246,7 @@ def setup(args, w: Workload) -> dict:
 
 def phase_flops(w: Workload, mu: int) -> dict:
     """Model FLOPs of each phase, all ranks together (formulas in mfu.py)."""
-    from grpo_ds.bench.mfu import ModelShape, forward_flops, generation_flops, train_flops
+    from grpo_ds.tools.bench.mfu import ModelShape, forward_flops, generation_flops, train_flops
 
     shape = ModelShape(w.layers, w.hidden, w.mlp, w.vocab, w.heads, w.heads)
     seqs, seq_len = w.prompts * w.group_size, w.prompt_len + w.new_tokens
@@ -324,8 +324,8 @@ def communication(ctx: dict, params: int, args) -> dict:
     """Measured all-gather / reduce-scatter of every parameter, and the step's ZeRO-3 traffic
     from them: (1 + A + 2 mu A) all-gathers (rollout, reference, update forward and backward)
     and mu A reduce-scatters (gradients), A = micro-batches per rank (see the README)."""
-    from grpo_ds.bench.common import collective_seconds
     from grpo_ds.model import DTYPES
+    from grpo_ds.tools.bench.common import collective_seconds
 
     seconds = collective_seconds(params, DTYPES[args.dtype])
     accum, mu = ctx["plan"].grad_accum, args.mu
@@ -339,11 +339,11 @@ def worker(args) -> None:
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from grpo_ds.bench.mfu import peak_all_ranks
     from grpo_ds.cpu.host_memory import active_host_allocator
     from grpo_ds.engine import init_distributed
     from grpo_ds.metrics import peak_memory_metrics
     from grpo_ds.model import DTYPES
+    from grpo_ds.tools.bench.mfu import peak_all_ranks
 
     init_distributed()  # gives each rank cores / LOCAL_SIZE threads
     threads_by_launcher = torch.get_num_threads()
@@ -513,7 +513,7 @@ def launch_config(args, ranks: int, dtype: str, allocator: str, fused_layers: st
                                         ("threads", args.threads), ("micro", args.micro),
                                         ("chunk", args.chunk), ("steps", args.steps),
                                         ("profile", args.profile))]
-    return launch_workers("grpo_ds.bench.step", ranks,
+    return launch_workers("grpo_ds.tools.bench.step", ranks,
                           passed + (["--quick"] if args.quick else []), args.timeout, allocator)
 
 

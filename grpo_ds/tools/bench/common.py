@@ -1,7 +1,7 @@
 """Shared plumbing of the benchmarks: launch N ranks under the deepspeed launcher, collect rank 0's
 JSON report, and time a collective phase as the slowest rank sees it.
 
-A benchmark module `grpo_ds.bench.X` has a `--worker --out FILE` mode that runs on every rank
+A benchmark module `grpo_ds.tools.bench.X` has a `--worker --out FILE` mode that runs on every rank
 and writes its report from rank 0; `launch_workers` starts it and returns that report.
 """
 

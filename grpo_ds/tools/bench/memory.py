@@ -5,7 +5,7 @@
                          [--no-critic]
                          [--probe 1.1B,2.1B,...] [--probe-preset zero3_nvme] [--nvme-path DIR]
 
-Every measurement is a fresh 2-rank launch of grpo_ds/bench/memory_worker.py (how a rank builds
+Every measurement is a fresh 2-rank launch of grpo_ds/tools/bench/memory_worker.py (how a rank builds
 the engines, runs the trainer's functions and reads its peak RSS is described there), so each
 peak belongs to one configuration. On a CPU-only machine device memory IS host RAM, so the
 planner's figure beside the measured one is its `ram_per_rank` (device + host); on GPUs its
@@ -46,8 +46,8 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 
-from grpo_ds.bench.common import available_ram, launch_workers
-from grpo_ds.bench.memory_worker import GIB, Run
+from grpo_ds.tools.bench.common import available_ram, launch_workers
+from grpo_ds.tools.bench.memory_worker import GIB, Run
 
 PRESETS = ("zero3", "zero3_lean", "zero3_offload_optimizer", "zero3_offload_all", "zero3_nvme")
 # glibc returns every freed block of 64 KiB or more to the OS: RSS then follows live memory
@@ -137,7 +137,7 @@ def launch(run: Run, timeout: float) -> dict:
     saved = {k: os.environ.get(k) for k in mmap}
     os.environ.update(mmap)
     try:
-        report = launch_workers("grpo_ds.bench.memory_worker", 2,
+        report = launch_workers("grpo_ds.tools.bench.memory_worker", 2,
                                 ["--run", json.dumps(asdict(run))], timeout)
         return {"run": asdict(run), **summarise(report)}
     except RuntimeError as err:  # a failed or stopped run is a result too (the probe's answer)
@@ -204,7 +204,7 @@ def logprob_section(timeout: float) -> dict:
     """
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "logprobs.json")
-        cmd = [sys.executable, "-m", "grpo_ds.bench.memory_worker", "--logprob-worker",
+        cmd = [sys.executable, "-m", "grpo_ds.tools.bench.memory_worker", "--logprob-worker",
                "--out", out, "--logprob-shape", "512+1024,128256,256", "--chunks", "128,512"]
         env = {**os.environ, **MALLOC_FOLLOWS_LIVE_MEMORY}
         subprocess.run(cmd, check=True, timeout=timeout, stdout=subprocess.DEVNULL, env=env)

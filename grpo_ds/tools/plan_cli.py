@@ -1,4 +1,4 @@
-"""`grpo-ds plan`: per-rank memory plan of a GRPO run before launch (see grpo_ds/planner.py).
+"""`grpo-ds plan`: per-rank memory plan of a GRPO run before launch (see grpo_ds/tools/planner.py).
 
     grpo-ds plan --model DIR_OR_CONFIG_JSON [--config run.yaml] [--ds-config PRESET]
                  [--world-size N] [--nodes K] [shape flags] [--device-mem GB] [--host-mem GB]
@@ -24,8 +24,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from grpo_ds import model_spec, planner
-from grpo_ds.planner import GIB, Budgets, MemoryPlan
+from grpo_ds import model_spec
+from grpo_ds.tools import planner
+from grpo_ds.tools.planner import GIB, Budgets, MemoryPlan
 
 EXIT_FITS, EXIT_USAGE, EXIT_DOES_NOT_FIT = 0, 2, 3
 

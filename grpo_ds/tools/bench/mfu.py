@@ -201,7 +201,7 @@ def peak_all_ranks(dtype: torch.dtype, seconds_per_size: float) -> list[dict]:
     """Every rank's matmul_peak, measured at the same time (one barrier before), for all ranks."""
     from deepspeed import comm as dist
 
-    from grpo_ds.bench.common import gather_floats
+    from grpo_ds.tools.bench.common import gather_floats
 
     dist.barrier()
     mine = matmul_peak(dtype, seconds_per_size)
