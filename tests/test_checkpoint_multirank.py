@@ -179,6 +179,10 @@ def test_preempt_crash_during_save_and_resume_give_the_uninterrupted_metrics(ref
     assert latest_name(checkpoints) == f"step_{STEPS:06d}"
     # Three processes, one run: every step's metrics equal the uninterrupted run's, exactly.
     assert_same_metrics(step_metrics(reference), step_metrics(run_dir))
+    # ...and so do the accuracies in its summary (accuracy_after was once NaN after a resume).
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (reference, run_dir)]
+    for key in ("accuracy_before", "accuracy_after"):
+        assert summaries[1][key] == summaries[0][key] and summaries[0][key] is not None, key
 
 
 def test_nan_steps_are_skipped_on_every_rank_then_abort(reference, tmp_path):
