@@ -21,23 +21,15 @@ from pathlib import Path
 
 import deepspeed.comm as dist
 
+from grpo_ds.build import Run, build_engines, build_inputs
 from grpo_ds.checkpoint import Checkpointer, RunState, checkpoint_root, prepare_resume, resume_point
-from grpo_ds.config import Config, deepspeed_config, load_config, validate
+from grpo_ds.config import Config, load_config, validate
 from grpo_ds.cpu.host_memory import active_host_allocator
-from grpo_ds.device import prepare_device
-from grpo_ds.engine import (
-    build_policy,
-    build_reference,
-    finish_rank,
-    init_distributed,
-    load_sharded,
-)
+from grpo_ds.engine import finish_rank, init_distributed
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
-from grpo_ds.lora_checks import lora_enabled
 from grpo_ds.metrics import RunLogger
-from grpo_ds.model import DTYPES, save_hf_model
+from grpo_ds.model import save_hf_model
 from grpo_ds.preflight import ARITHMETIC_COLUMNS, check_rewards, row_columns
-from grpo_ds.rewards import load_reward_function
 from grpo_ds.run_lock import RunDirError, rank_lock
 from grpo_ds.trainer import run_grpo, summary_path
 from grpo_ds.warmup import warm_start
@@ -48,30 +40,6 @@ def parse_argv(argv: list[str]) -> tuple[str | None, list[str]]:
     args = [a for a in argv if not a.startswith("--local_rank")]
     config = args[0] if args and not args[0].startswith("--") else None
     return config, args[1:] if config else args
-
-
-def make_source(cfg: Config, rank: int, world: int):
-    """Prompts and tokenizer of the task: the built-in arithmetic task or a dataset."""
-    if cfg.task.name == "tool_arithmetic":
-        from grpo_ds.tasks import tool_arithmetic as tool
-
-        task = tool.ToolArithmeticTask(cfg.task.digits, cfg.task.carry_drop, cfg.task.eval_size,
-                                       cfg.task.seed)
-        return tool.ToolArithmeticSource(task, cfg.train.prompts_per_step, rank, world,
-                                         cfg.train.seed), tool.build_tokenizer()
-    if cfg.task.name == "arithmetic":
-        from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
-
-        task = ArithmeticTask(cfg.task.digits, cfg.task.carry_drop, cfg.task.eval_size,
-                              cfg.task.seed)
-        return ArithmeticSource(task, cfg.train.prompts_per_step, rank, world,
-                                cfg.train.seed), build_tokenizer()
-    from transformers import AutoTokenizer
-
-    from grpo_ds.data_source import DatasetSource
-
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    return DatasetSource.from_config(cfg, rank, world, tokenizer), tokenizer
 
 
 def source_columns(cfg: Config, source) -> dict[str, list[str]]:
@@ -93,27 +61,6 @@ def strict_json(value):
     if isinstance(value, list):
         return [strict_json(v) for v in value]
     return value
-
-
-def names_of_rewards(specs: list[str]) -> list[str]:
-    """Metric names: the function's name (a reward model's directory name), made unique."""
-    names = [Path(s.removeprefix("model:")).name if s.startswith("model:")
-             else s.rsplit(":", 1)[-1] for s in specs]
-    return [f"{n}_{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
-
-
-def load_rewards(cfg: Config, policy_ds: dict) -> list:
-    """Reward functions by spec; `model:PATH` is a frozen classifier placed like the reference."""
-    from grpo_ds.engine import reference_ds_config
-    from grpo_ds.rewards.model import PREFIX, RewardModel
-
-    placement = cfg.deepspeed.reference_placement
-    placement = "cpu_offload" if placement == "none" else placement
-    return [RewardModel(spec.removeprefix(PREFIX), reference_ds_config(policy_ds, placement),
-                        cfg.train.micro_batch_size, DTYPES[cfg.model.dtype],
-                        cfg.model.attn_implementation)
-            if spec.startswith(PREFIX) else load_reward_function(spec)
-            for spec in cfg.rewards.functions]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,37 +88,25 @@ def train(cfg: Config) -> int:
     if rank == 0:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     # every `auto` resolved for this accelerator; from here on cfg holds what the run uses
-    device = prepare_device(cfg, logger.print)
-    cfg = device.cfg
-    plan = validate(cfg, world)
-    source, tokenizer = make_source(cfg, rank, world)
+    setup, inputs = build_inputs(cfg, rank, world, say=logger.print)
+    cfg, source = setup.cfg, inputs.source
     counts = getattr(source, "counts", {})  # prompts truncated / dropped for length
     if counts:
         logger.print(", ".join(f"{k.split('/')[-1].replace('_', ' ')}: {v}"
                                for k, v in counts.items()))
         logger.scalars(0, counts)
-    reward_names = names_of_rewards(cfg.rewards.functions)
-    reward_fns = load_rewards(cfg, deepspeed_config(cfg, plan))
-    check_rewards(cfg, {s: f for s, f in zip(cfg.rewards.functions, reward_fns)
+    check_rewards(cfg, {s: f for s, f in zip(cfg.rewards.functions, inputs.reward_fns)
                         if not s.startswith("model:")}, source_columns(cfg, source))
 
-    model_path, warmup_curve = cfg.model.path, None
+    model_path, warmup_curve, ds = cfg.model.path, None, setup.ds
     if state is not None:  # resuming: no warm-up; the start model is also the reference
         model_path, warmup_curve = cfg.model.path or state.model_path, state.warmup_curve
+        ds = prepare_resume(resume_from, state, dict(ds), logger.print)
     elif model_path is None:
-        model_path, warmup_curve = warm_start(cfg, source, tokenizer, logger, reward_fns[0])
-    ds = deepspeed_config(cfg, plan)
-    if state is not None:
-        ds = prepare_resume(resume_from, state, ds, logger.print)
-    lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype, cfg.model.attn_implementation)
-    adapters = None  # the PeftModel around lm when model.lora is on (grpo_ds/lora.py)
-    if lora_enabled(cfg):
-        from grpo_ds.lora import add_adapters
-
-        adapters = add_adapters(lm, cfg.model.lora, cfg.train.seed)
-    for line in device.prepare_model(lm):
-        logger.print(line)
-    policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, cfg.model.gradient_checkpointing)
+        model_path, warmup_curve = warm_start(setup, source, inputs.tokenizer, logger,
+                                              inputs.reward_fns[0])
+    engines = build_engines(setup, model_path, ds, say=logger.print)
+    policy, tokenizer, adapters = engines.policy, engines.tokenizer, engines.adapters
     checkpointer = Checkpointer(policy, checkpoint_root(cfg), cfg.checkpoint.keep_last, source,
                                 logger.print)
     if state is not None:
@@ -183,18 +118,8 @@ def train(cfg: Config) -> int:
         from grpo_ds.lora import adapter_config_dict
 
         state.adapter_config = adapter_config_dict(adapters)
-    reference = None
-    if cfg.grpo.beta > 0 and adapters is not None:  # the base, adapters off: no second model
-        from grpo_ds.lora import AdapterFreeReference
 
-        reference = AdapterFreeReference(policy, adapters)
-    elif cfg.grpo.beta > 0:
-        reference = build_reference(model_path, ds, cfg.deepspeed.reference_placement,
-                                    cfg.model.dtype, cfg.train.logprob_chunk_size,
-                                    device.prepare_model, cfg.model.attn_implementation)
-
-    result = run_grpo(cfg, plan, policy, reference, tokenizer, source, reward_fns,
-                      reward_names, logger, state, checkpointer)
+    result = run_grpo(Run(setup, inputs, engines), logger, state, checkpointer)
     if result["preempted"]:
         logger.close()
         return PREEMPTED_EXIT_CODE

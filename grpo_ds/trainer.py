@@ -26,6 +26,7 @@ from grpo_ds.advantages import (
     tied_group_mask,
 )
 from grpo_ds.batch import RolloutBatch, join
+from grpo_ds.build import Run
 from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import BatchPlan, Config
 from grpo_ds.failures import (
@@ -42,7 +43,6 @@ from grpo_ds.metrics import peak_memory_metrics, synchronized_time
 from grpo_ds.rewards import call_reward, compute_rewards, load_reward_function, trainer_state
 from grpo_ds.rollout import RolloutBackend, SamplingParams, logprob_gap
 from grpo_ds.rollout.passes import release_cached_memory
-from grpo_ds.rollout.select import build_rollout
 
 
 @functools.lru_cache
@@ -376,13 +376,15 @@ def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: RolloutB
     return batch, rewards, texts, metrics
 
 
-def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source, reward_fns,
-             reward_names, logger, state: RunState, checkpointer: Checkpointer) -> dict:
+def run_grpo(run: Run, logger, state: RunState, checkpointer: Checkpointer) -> dict:
     """The loop, from `state.step` (0, or a resumed checkpoint's step). Returns the summary fields
     of the GRPO phase; {"preempted": True} when a signal stopped it after a checkpoint."""
+    cfg, plan = run.setup.cfg, run.setup.plan
+    policy, reference, rollout = run.engines.policy, run.engines.reference, run.engines.rollout
+    tokenizer, source = run.engines.tokenizer, run.inputs.source
+    reward_fns, reward_names = run.inputs.reward_fns, run.inputs.reward_names
     rank, device = dist.get_rank(), policy.device
     logger.attach_monitor(policy.monitor)  # the DS config's tensorboard/csv/wandb, if any
-    rollout = build_rollout(cfg, policy, tokenizer)  # rollout.backend, with its hooks
     eval_rows = source.eval_rows()
 
     def reward_state(done: int):

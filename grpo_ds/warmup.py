@@ -8,6 +8,7 @@ had flattened before GRPO started.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -15,9 +16,10 @@ import deepspeed.comm as dist
 import torch
 
 from grpo_ds.batch import join, left_pad, right_pad
-from grpo_ds.config import Config, deepspeed_config, validate
+from grpo_ds.build import RunPlan
 from grpo_ds.engine import build_policy
 from grpo_ds.model import build_tiny_llama, save_hf_model
+from grpo_ds.rollout.select import build_rollout
 
 
 def sft_loss(engine, tokenizer, pairs: list[tuple[str, str]], num_tokens: int) -> torch.Tensor:
@@ -64,30 +66,26 @@ def run_warmup(engine, tokenizer, source, cfg, evaluate, log) -> list[dict]:
     return curve
 
 
-def warm_start(cfg: Config, source, tokenizer, logger, reward_fn) -> tuple[str, list[dict]]:
-    """Build the default task's tiny Llama, run the supervised warm-up, save it as a HF dir."""
-    from grpo_ds.rollout import HybridRollout
+def warm_start(setup: RunPlan, source, tokenizer, logger, reward_fn) -> tuple[str, list[dict]]:
+    """Build the default task's tiny Llama, run the supervised warm-up, save it as a HF dir.
+    The engine takes the run's DeepSpeed config with the warm-up's batch, lr and stage; the
+    evaluation samples through the run's own rollout (build_rollout)."""
     from grpo_ds.trainer import evaluate
 
-    world = dist.get_world_size()
+    cfg, world = setup.cfg, dist.get_world_size()
     lm = build_tiny_llama(
         len(tokenizer), cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads,
         max_positions=64, seed=cfg.train.seed,
         special={"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                  "pad_token_id": tokenizer.pad_token_id})
-    ds = deepspeed_config(cfg, validate(cfg, world))
+    ds = copy.deepcopy(setup.ds)
     ds.update(train_micro_batch_size_per_gpu=cfg.warmup.batch_size // world,
               gradient_accumulation_steps=1, train_batch_size=cfg.warmup.batch_size)
     ds["optimizer"]["params"]["lr"] = cfg.warmup.lr
     ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": cfg.warmup.zero_stage}
     ds.pop("scheduler", None)
     engine = build_policy(lm, ds, cfg.train.logprob_chunk_size, False)
-    from grpo_ds.agents.build import build_multiturn
-
-    rollout = HybridRollout(engine.module.lm, pad_token_id=tokenizer.pad_token_id,
-                            tokenizer=tokenizer, packed_weights=cfg.rollout.packed_weights,
-                            max_batch_rows=cfg.rollout.max_batch_rows)
-    rollout = build_multiturn(cfg, rollout, tokenizer)  # a tool task evaluates with its tools
+    rollout = build_rollout(cfg, engine, tokenizer)
     eval_rows = source.eval_rows()
     curve = run_warmup(engine, tokenizer, source, cfg.warmup,
                        lambda: evaluate(cfg, rollout, tokenizer, eval_rows, reward_fn,

@@ -11,22 +11,13 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 
+from grpo_ds.build import build_run
 from grpo_ds.checkpoint import Checkpointer, RunState
-from grpo_ds.config import deepspeed_config, load_config, validate
-from grpo_ds.cpu import apply_kernels
-from grpo_ds.cpu.fused_layers import apply_fused_layers
-from grpo_ds.cpu.onednn_linear import apply_onednn_linears
-from grpo_ds.device import resolve_config
-from grpo_ds.engine import (
-    build_policy,
-    build_reference,
-    finish_rank,
-    init_distributed,
-    load_sharded,
-)
+from grpo_ds.config import load_config
+from grpo_ds.engine import finish_rank, init_distributed
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
+from grpo_ds.tasks.arithmetic import build_tokenizer
 from grpo_ds.trainer import run_grpo
 
 
@@ -51,9 +42,11 @@ def main() -> None:
                              "--train.prompts_per_step=8", "--train.micro_batch_size=16",
                              "--grpo.beta=0.1", "--train.lr=0.01", "--output.save_model=false",
                              # 4 prompts x G=8 a rank, 2 groups a pass: the rollout in 2 passes
-                             "--rollout.max_batch_rows=16"])
-    cfg, _ = resolve_config(cfg)  # every `auto` for this accelerator, as train.py
-    plan = validate(cfg, world)
+                             "--rollout.max_batch_rows=16",
+                             # fused layers and oneDNN Linears under activation checkpointing
+                             "--model.fused_layers=on", "--model.onednn_linears=on",
+                             "--model.gradient_checkpointing=true", "--model.dtype=float32",
+                             "--train.logprob_chunk_size=64"])
     tokenizer = build_tokenizer()
     model_dir = out_dir / "init_model"
     if rank == 0:
@@ -62,21 +55,15 @@ def main() -> None:
         lm.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     dist.barrier()
-    ds = deepspeed_config(cfg, plan)
-    lm, tokenizer = load_sharded(str(model_dir), ds, "float32")
-    apply_fused_layers(lm, "on")  # fused layers with activation checkpointing under ZeRO-3
-    apply_onednn_linears(lm, "on")
-    policy = build_policy(lm, ds, 64, gradient_checkpointing=True)
-    reference = build_reference(str(model_dir), ds, "cpu_offload", "float32", 64,
-                                lambda m: apply_kernels(m, "on", "on"))
+    # the builder `grpo-ds train` uses: plan, device, arithmetic prompts, engines, rollout
+    run = build_run(cfg, rank, world, str(model_dir), reward_fns=[leading_one], say=lambda _: None)
+    policy, reference = run.engines.policy, run.engines.reference
     policy_before, reference_before = full_params(policy), full_params(reference)
-    task = ArithmeticTask(digits=2, eval_size=32)
-    source = ArithmeticSource(task, cfg.train.prompts_per_step, rank, world, seed=0)
     logger = RunLogger(out_dir, rank, cfg.train.steps, quiet=True)
     state = RunState(model_path=str(model_dir), world_size=world)
-    checkpointer = Checkpointer(policy, out_dir / "checkpoints", 1, source, logger.print)
-    run_grpo(cfg, plan, policy, reference, tokenizer, source, [leading_one], ["leading_one"],
-             logger, state, checkpointer)
+    checkpointer = Checkpointer(policy, out_dir / "checkpoints", 1, run.inputs.source,
+                                logger.print)
+    run_grpo(run, logger, state, checkpointer)
     logger.close()
     policy_after, reference_after = full_params(policy), full_params(reference)
     local = sum(p.ds_tensor.numel() for p in policy.module.parameters())

@@ -96,8 +96,8 @@ def fill_nvme_path(ds: dict, path: str) -> dict:
 
 def run_config(run: Run, world: int):
     """(cfg, batch plan, filled DeepSpeed config) of a run, as grpo-ds train would make them."""
-    from grpo_ds.config import deepspeed_config, load_config, validate
-    from grpo_ds.device import resolve_config
+    from grpo_ds.build import plan_run
+    from grpo_ds.config import load_config
 
     cfg = load_config(None, [
         f"--train.prompts_per_step={run.prompts_per_rank * world}",
@@ -107,12 +107,10 @@ def run_config(run: Run, world: int):
         f"--model.gradient_checkpointing={run.checkpointing}",
         f"--train.logprob_chunk_size={run.chunk}", f"--deepspeed.config=ds_configs/{run.preset}.json",
         f"--deepspeed.reference_placement={run.reference}"])
-    validate(cfg, world)
-    cfg, _ = resolve_config(cfg)  # as train.py: every `auto` for this accelerator
-    plan = validate(cfg, world)
-    ds = fill_nvme_path(deepspeed_config(cfg, plan), run.nvme_path)
+    setup = plan_run(cfg, world, say=lambda _: None)  # train.py's plan and device resolution
+    ds = fill_nvme_path(setup.ds, run.nvme_path)
     ds["zero_optimization"].update(run.zero)
-    return cfg, plan, ds
+    return setup.cfg, setup.plan, ds
 
 
 def planned(run: Run, cfg, ds: dict, world: int) -> dict:

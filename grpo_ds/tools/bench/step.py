@@ -201,46 +201,55 @@ def run_step(ctx: dict, step: int) -> dict:
     return seconds
 
 
-def setup(args, w: Workload) -> dict:
-    """Config, engines (policy, reference), rollout, and this rank's prompts."""
+class FixedPrompts:
+    """The bench's prompts as a run's source: the same rows every step, no held-out set."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def step_rows(self, step: int) -> list[dict]:
+        return self.rows
+
+    def eval_rows(self) -> list[dict]:
+        return []
+
+
+def bench_rows(w: Workload, tokenizer, prompts_per_rank: int, rank: int) -> list[dict]:
+    """This rank's random prompts of w.prompt_len tokens (seeded per rank)."""
     import torch
+
+    g = torch.Generator().manual_seed(1000 + rank)
+    ids = torch.randint(1, w.vocab, (prompts_per_rank, w.prompt_len), generator=g).tolist()
+    return [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
+
+
+def setup(args, w: Workload) -> dict:
+    """The run `grpo-ds train` would build for this config (grpo_ds.build.build_run: device,
+    DeepSpeed config, policy loaded from a directory, reference, rollout), with the bench's
+    model, prompts and reward as its workload."""
     from deepspeed import comm as dist
 
-    from grpo_ds.config import deepspeed_config, load_config, validate
+    from grpo_ds.build import build_run
+    from grpo_ds.config import load_config
     from grpo_ds.cpu.fused_layers import is_fused
     from grpo_ds.cpu.onednn_linear import uses_onednn
-    from grpo_ds.device import Device, resolve_config
-    from grpo_ds.engine import build_policy, build_reference
-    from grpo_ds.rollout import HybridRollout
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load_config(None, overrides(w, args))
-    if args.chunk:
-        cfg.train.logprob_chunk_size = args.chunk
-    validate(cfg, world)
-    device = Device(*resolve_config(cfg))  # as train.py: every `auto` for this accelerator
-    cfg = device.cfg
-    plan = validate(cfg, world)
-    ds = deepspeed_config(cfg, plan)
+    chunk = [f"--train.logprob_chunk_size={args.chunk}"] if args.chunk else []
+    cfg = load_config(None, overrides(w, args) + chunk)
     tokenizer = build_tokenizer(w.vocab)
-    lm = build_lm(w)
-    model_dir = args.out + ".model"  # the reference loads it as training does: from a directory
+    model_dir = args.out + ".model"  # policy and reference load it as training does
     if rank == 0:
-        lm.save_pretrained(model_dir)
+        build_lm(w).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     dist.barrier()
-    device.prepare_model(lm)
-    policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, gradient_checkpointing=False)
-    reference = build_reference(model_dir, ds, cfg.deepspeed.reference_placement, cfg.model.dtype,
-                                cfg.train.logprob_chunk_size, device.prepare_model,
-                                cfg.model.attn_implementation)
-    rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
-                            gather=cfg.rollout.gather, tokenizer=tokenizer)
-    g = torch.Generator().manual_seed(1000 + rank)
-    ids = torch.randint(1, w.vocab, (plan.prompts_per_rank, w.prompt_len), generator=g).tolist()
-    rows = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
-    return {"cfg": cfg, "plan": plan, "rank": rank, "world": world, "policy": policy,
-            "reference": reference, "rollout": rollout, "tokenizer": tokenizer, "rows": rows,
+    prompts = FixedPrompts(bench_rows(w, tokenizer, cfg.train.prompts_per_step // world, rank))
+    run = build_run(cfg, rank, world, model_dir, source=prompts, reward_fns=[even_share],
+                    say=lambda line: say(rank, line))
+    e, lm = run.engines, run.engines.policy.module.lm
+    return {"cfg": run.setup.cfg, "plan": run.setup.plan, "rank": rank, "world": world,
+            "policy": e.policy, "reference": e.reference, "rollout": e.rollout,
+            "tokenizer": e.tokenizer, "rows": prompts.rows, "run": run,
             "fused_layers": is_fused(lm), "onednn_linears": uses_onednn(lm.lm_head)}
 
 
