@@ -14,14 +14,15 @@ import torch
 
 @dataclass
 class RolloutBatch:
-    """One rank's share of a GRPO step."""
+    """One rank's share of a GRPO step. The sampling phase fills the token tensors; each later
+    phase returns its value and the step makes a new batch with it (dataclasses.replace)."""
 
     input_ids: torch.Tensor  # [B*G, Tp+Tc] left-padded prompt, then right-padded completion
     attention_mask: torch.Tensor  # [B*G, Tp+Tc] 1 on real tokens
     completion_ids: torch.Tensor  # [B*G, Tc]
     completion_mask: torch.Tensor  # [B*G, Tc] 1 up to and including EOS; 0 on filtered groups
-    advantages: torch.Tensor  # [B*G] group-normalised, or [B*G, Tc] with process supervision
     sampled_logprobs: torch.Tensor  # [B*G, Tc] from the generation engine (for the gap metric)
+    advantages: torch.Tensor | None = None  # [B*G] group-normalised, or [B*G, Tc] (process)
     ref_logprobs: torch.Tensor | None = None  # [B*G, Tc] frozen reference; None when beta = 0
     old_logprobs: torch.Tensor | None = None  # [B*G, Tc] first-pass policy; None when mu = 1
     process_steps: list | None = None  # B*G lists of (step_end_token, reward); process supervision

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from grpo_ds.failures import fault
+from grpo_ds import hooks
 from grpo_ds.safe_load import safe_checkpoint_loading, safe_torch_load
 
 STATE_FILE = "grpo_state.json"
@@ -329,9 +329,7 @@ class Checkpointer:
                           if hasattr(self.source, "state_dict") else None}
             write_durably(path / f"grpo_rank_{self.rank:03d}.json",
                           json.dumps(rank_state).encode())
-            if fault("sleep_in_save", state.step, self.rank):
-                (self.root / f"sleeping_in_save_rank{self.rank}").touch()
-                time.sleep(600)
+            hooks.files_written(state.step, self.rank, self.root)  # tests' faults only
             dist.barrier()  # every rank's files are written
             if self.rank == 0:
                 self._commit(path, state)
@@ -357,8 +355,7 @@ class Checkpointer:
         for file in path.rglob("*"):
             if file.is_file():
                 fsync_file(file)
-        if fault("disk_full", state.step, self.rank):
-            raise OSError(28, "No space left on device (GRPO_DS_FAULT=disk_full)")
+        hooks.before_commit(state.step, self.rank)  # tests' faults only
         write_durably(path / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=1).encode())
         fsync_file(path)
         point_latest(self.root, path.name)

@@ -14,7 +14,7 @@ Non-finite steps. ZeRO-3 already discards an optimizer step whose global gradien
 and the LR schedule untouched, and counts `engine.skipped_steps` - on every rank, since the norm is
 all-reduced. A non-finite loss does not always make a non-finite gradient (a NaN under a zero mask
 does not), so `nan_gradient_loss` turns it into one. Non-finite logits met while sampling (weights
-gone non-finite) make NaN advantages (`poison_broken_sampling`), so that step is skipped the same
+gone non-finite) make NaN advantages (`broken_sampling_rows`), so that step is skipped the same
 way. The loop counts skipped steps and aborts after `checkpoint.max_bad_steps` in a row, keeping
 the last checkpoint.
 
@@ -24,13 +24,11 @@ through the job's rendezvous store) and kept in `<run_dir>/failure.txt`; ranks t
 os._exit, so no rank lingers in teardown; DeepSpeed's launcher sees a non-zero exit and stops the
 others (SIGTERM, then SIGKILL after 30 s), so the job ends within a bounded time.
 
-Test-only faults: GRPO_DS_FAULT="name@steps[:rank],..." (steps `3` or `2-3`; all ranks when no
-rank is given) makes the named fault happen; see `fault()`. Unset, it does nothing.
+Test-only faults (GRPO_DS_FAULT) live apart, in faults.py and hooks.py.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
@@ -92,16 +90,13 @@ def nan_gradient_loss(loss: torch.Tensor, logprobs: torch.Tensor) -> torch.Tenso
     return logprobs.sum() * float("nan")
 
 
-def poison_broken_sampling(batch) -> float:
-    """The number of rows whose sampled log-probs are NaN on real tokens: the sampler met
-    non-finite logits there (rollout/sampling.py), so their tokens are not the policy's. If any,
-    the step must not train: NaN advantages give a NaN loss, which ZeRO-3 skips on every rank and
-    the loop counts like any NaN loss (checkpoint.max_bad_steps)."""
-    broken = (batch.sampled_logprobs.isnan() & batch.completion_mask.bool()).any(-1)
-    count = int(broken.sum())
-    if count:
-        batch.advantages = batch.advantages * float("nan")
-    return float(count)
+def broken_sampling_rows(sampled_logprobs: torch.Tensor, completion_mask: torch.Tensor) -> int:
+    """The number of rows [B*G] whose sampled log-probs [B*G, Tc] are NaN on real tokens: the
+    sampler met non-finite logits there (rollout/sampling.py), so their tokens are not the
+    policy's. If any, the step must not train: the loop makes the advantages NaN, which gives a
+    NaN loss that ZeRO-3 skips on every rank and counts like any NaN loss
+    (checkpoint.max_bad_steps)."""
+    return int((sampled_logprobs.isnan() & completion_mask.bool()).any(-1).sum())
 
 
 def count_bad_step(state, bad: bool, loss: float) -> int:
@@ -214,40 +209,3 @@ def rank_processes(launcher_pid: int) -> list:
         if any(a == "-m" and b == "grpo_ds.train" for a, b in itertools.pairwise(args)):
             ranks.append(child)
     return ranks
-
-
-# ---------------------------------------------------------------------------------------------
-# test-only fault injection
-
-
-@functools.lru_cache(maxsize=4)
-def _faults(spec: str) -> list[tuple[str, int, int, int | None]]:
-    faults = []
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        name, _, where = item.partition("@")
-        steps, _, rank = where.partition(":")
-        first, _, last = steps.partition("-")
-        faults.append((name, int(first), int(last or first), int(rank) if rank else None))
-    return faults
-
-
-def inject_faults(step: int, rank: int, batch) -> None:
-    """The faults that happen inside a step, just before the update."""
-    if fault("nan", step, rank):
-        batch.advantages = batch.advantages * float("nan")
-    if fault("sigterm", step, rank):
-        os.kill(os.getpid(), signal.SIGTERM)
-    if fault("raise", step, rank):
-        raise RuntimeError(f"injected failure at step {step} on rank {rank} (GRPO_DS_FAULT)")
-
-
-def fault(name: str, step: int, rank: int) -> bool:
-    """Whether GRPO_DS_FAULT asks for fault `name` at this step on this rank (tests only).
-
-    Faults: raise (an exception), nan (NaN advantages), sigterm (the rank signals itself),
-    sleep_in_save (hang in the save after writing the step's files, before `latest` moves),
-    disk_full (ENOSPC while writing the trainer state).
-    """
-    spec = os.environ.get("GRPO_DS_FAULT", "")
-    return bool(spec) and any(n == name and lo <= step <= hi and r in (None, rank)
-                              for n, lo, hi, r in _faults(spec))

@@ -27,6 +27,7 @@ from grpo_ds.config import Config, load_config, validate
 from grpo_ds.cpu.host_memory import active_host_allocator
 from grpo_ds.engine import finish_rank, init_distributed
 from grpo_ds.failures import PREEMPTED_EXIT_CODE, run_rank
+from grpo_ds.faults import install_from_env
 from grpo_ds.metrics import RunLogger
 from grpo_ds.model import save_hf_model
 from grpo_ds.preflight import ARITHMETIC_COLUMNS, check_rewards, row_columns
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     config_path, overrides = parse_argv(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
     init_distributed(cfg.deepspeed.timeout_minutes)
+    install_from_env()  # GRPO_DS_FAULT: the failure tests' faults; unset, nothing
     try:  # launched without `grpo-ds train`: rank 0 holds the run dir (nothing is written first)
         lock = rank_lock(cfg.output.run_dir, dist.get_rank())  # noqa: F841 - held until exit
     except RunDirError as err:

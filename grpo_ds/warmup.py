@@ -70,7 +70,7 @@ def warm_start(setup: RunPlan, source, tokenizer, logger, reward_fn) -> tuple[st
     """Build the default task's tiny Llama, run the supervised warm-up, save it as a HF dir.
     The engine takes the run's DeepSpeed config with the warm-up's batch, lr and stage; the
     evaluation samples through the run's own rollout (build_rollout)."""
-    from grpo_ds.trainer import evaluate
+    from grpo_ds.evaluate import evaluate
 
     cfg, world = setup.cfg, dist.get_world_size()
     lm = build_tiny_llama(

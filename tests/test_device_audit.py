@@ -21,10 +21,11 @@ import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 from grpo_ds.config import load_config, validate
+from grpo_ds.evaluate import evaluate
 from grpo_ds.model import CausalLMWithLogprobs
 from grpo_ds.rewards.model import RewardModel
 from grpo_ds.rollout import HybridRollout
-from grpo_ds.trainer import evaluate, grpo_step
+from grpo_ds.trainer import grpo_step
 from tests.second_device import audited_collectives, on_device, second_device
 from tests.tiny_models import llama_config, text_tokenizer
 
@@ -162,9 +163,10 @@ def test_a_grpo_step_keeps_every_tensor_on_the_engine_device(path, process_group
             reward_fns = [judge, spread_reward]
         before = policy.module.lm.lm_head.weight.detach().cpu()
         for step in (1, 2):
-            batch, rewards, _, metrics = grpo_step(
+            result = grpo_step(
                 cfg, plan, policy, reference, rollout, tokenizer, PROMPTS, reward_fns,
                 [f"r{i}" for i in range(len(reward_fns))], step)
+        batch, rewards, metrics = result.batch, result.rewards, result.metrics
         after = policy.module.lm.lm_head.weight.detach().cpu()
 
     tensors = {name: value for name, value in vars(batch).items()

@@ -7,7 +7,7 @@ import torch
 from grpo_ds.batch import RolloutBatch, left_pad, right_pad
 from grpo_ds.logprobs import logits_to_token_logprobs
 from grpo_ds.model import CausalLMWithLogprobs, build_tiny_llama, real_columns
-from grpo_ds.trainer import length_sorted_micro_batches, take_rows, unsort
+from grpo_ds.update import length_sorted_micro_batches, take_rows, unsort
 from tests.multirank import launch
 
 VOCAB = 17

@@ -98,7 +98,7 @@ def test_max_turns_1_is_the_single_turn_rollout(setup):
 
 def test_max_turns_1_gives_the_single_turn_loss_through_the_trainer(setup):
     from grpo_ds.config import Config
-    from grpo_ds.trainer import generate_and_score
+    from grpo_ds.sample import generate_and_score
 
     tok, lm, _, _ = setup
     cfg = Config()
@@ -108,8 +108,9 @@ def test_max_turns_1_gives_the_single_turn_loss_through_the_trainer(setup):
     def reward(completions, **kw):
         return [float(len(c) % 3) for c in completions]
 
-    batches = [generate_and_score(cfg, r, tok, rows, [reward], ["r"], seed=4)[:2]
+    sampled = [generate_and_score(cfg, r, tok, rows, [reward], ["r"], seed=4)
                for r in (HybridRollout(lm, tok.pad_token_id), multiturn(tok, lm, 1))]
+    batches = [(s.batch, s.rewards) for s in sampled]
     losses = []
     for batch, rewards in batches:
         logprobs, _ = CausalLMWithLogprobs(lm)(batch.input_ids, batch.attention_mask,

@@ -1,6 +1,6 @@
 """Sampling controls from the config: rollout.min_new_tokens, ignore_eos, stop, repetition_penalty.
 
-Each goes config -> trainer.sampling_params -> HybridRollout on a tiny Llama (CPU, seconds).
+Each goes config -> sample.sampling_params -> HybridRollout on a tiny Llama (CPU, seconds).
 """
 
 import pytest
@@ -10,7 +10,7 @@ from transformers import LlamaForCausalLM
 from grpo_ds.config import load_config
 from grpo_ds.rollout import HybridRollout
 from grpo_ds.rollout.sampling import penalise_repetitions, sample_next_tokens
-from grpo_ds.trainer import sampling_params
+from grpo_ds.sample import sampling_params
 from tests.test_rollout_engine import PAD, prompts, tiny_llama, trainer_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -20,7 +20,7 @@ from grpo_ds.config import load_config
 from grpo_ds.data_source import prepared_rows
 from grpo_ds.rewards import check_reward_columns, compute_rewards, trainer_state
 from grpo_ds.rollout import HybridRollout
-from grpo_ds.trainer import generate_and_score
+from grpo_ds.sample import generate_and_score
 from tests.multirank import free_port
 from tests.tiny_models import llama_config, text_tokenizer
 
@@ -161,9 +161,10 @@ def rows_from(tmp_path, tokenizer, records, *overrides):
 def run(cfg, tiny, rows, functions, state=None):
     tokenizer, rollout = tiny
     names = [f"f{i}" for i in range(len(functions))]
-    batch, rewards, texts, metrics = generate_and_score(cfg, rollout, tokenizer, rows, functions,
-                                                        names, seed=1, state=state)
-    return batch, rewards, texts[1], metrics
+    sampled = generate_and_score(cfg, rollout, tokenizer, rows, functions, names, seed=1,
+                                 state=state)
+    metrics = {k: m.value for k, m in sampled.metrics.items()}
+    return sampled.batch, sampled.rewards, sampled.completions, metrics
 
 
 def test_standard_rows_through_generate_and_score(tmp_path, tiny):
@@ -234,7 +235,7 @@ EVAL_SCRIPT = textwrap.dedent("""
     from transformers import LlamaForCausalLM
     from grpo_ds.config import load_config
     from grpo_ds.rollout import HybridRollout
-    from grpo_ds.trainer import correct_counts
+    from grpo_ds.evaluate import correct_counts
     from tests.tiny_models import llama_config, text_tokenizer
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)

@@ -70,8 +70,8 @@ def critic_values(engine, batch, micro: int) -> torch.Tensor:
 def critic_update(engine, batch, old_values, rewards, micro: int, world: int,
                   clip: float = 0.2) -> dict:
     """One optimizer step of the critic over this rank's batch; gradients summed over
-    micro-batches and ranks as the policy's update does (trainer.update)."""
-    from grpo_ds.trainer import step_counts
+    micro-batches and ranks as the policy's update does (update.update)."""
+    from grpo_ds.update import step_counts
 
     _, num_tokens = step_counts(batch, engine.device)
     returns = torch.nan_to_num(rewards.float())[:, None].expand_as(old_values)

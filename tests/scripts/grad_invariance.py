@@ -23,7 +23,7 @@ from grpo_ds.device import resolve_config
 from grpo_ds.engine import build_policy, finish_rank, init_distributed
 from grpo_ds.lora import add_adapters
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.trainer import micro_batch_loss, step_counts
+from grpo_ds.update import micro_batch_loss, step_counts
 
 SEQUENCES, PROMPT, COMPLETION, VOCAB = 16, 5, 7, 17
 

@@ -14,7 +14,7 @@ from grpo_ds.config import deepspeed_config, load_config, validate
 from grpo_ds.device import resolve_config
 from grpo_ds.engine import build_policy, finish_rank, init_distributed
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.trainer import forward_logprobs, update
+from grpo_ds.update import forward_logprobs, update
 
 SEQUENCES, VOCAB = 8, 23
 
@@ -49,11 +49,11 @@ def main() -> None:
                           gradient_checkpointing=False)
     batch = uneven_batch(rank)
     before = forward_logprobs(engine, batch, 3, cfg.rollout.temperature)  # other micro size
-    metrics = update(engine, batch, cfg, plan)
+    updated = update(engine, batch, cfg, plan)
     mask = batch.completion_mask.bool()
-    mine = torch.stack([before[mask], batch.old_logprobs[mask]])
+    mine = torch.stack([before[mask], updated.old_logprobs[mask]])
     everyone = [None] * world
-    dist.all_gather_object(everyone, {"values": mine, "loss": metrics["loss"]})
+    dist.all_gather_object(everyone, {"values": mine, "loss": updated.metrics["loss"].value})
     if rank == 0:
         torch.save(everyone, out)
     dist.barrier()

@@ -218,33 +218,33 @@ def build_critic(ctx: dict, peaks: Peaks):
 
 def grpo_step(ctx: dict, peaks: Peaks, step: int, critic=None) -> dict:
     """One GRPO step through the trainer's functions (plus the critic's work when given)."""
+    import dataclasses
+
+    from grpo_ds.sample import generate_and_score, sample_seed
     from grpo_ds.tools.bench.step import even_share
     from grpo_ds.tools.critic import critic_update, critic_values
-    from grpo_ds.trainer import (
-        forward_logprobs,
-        generate_and_score,
-        sample_seed,
-        score_advantages,
-        update,
-    )
+    from grpo_ds.trainer import score_advantages
+    from grpo_ds.update import forward_logprobs, update
 
     cfg, plan, e = ctx["cfg"], ctx["plan"], ctx["engines"]
     with peaks.phase("generation"):
-        batch, rewards, _, _ = generate_and_score(
+        sampled = generate_and_score(
             cfg, ctx["rollout"], ctx["tokenizer"], ctx["rows"], [even_share], ["even_share"],
             sample_seed(cfg.train.seed, step, ctx["rank"]))
-        batch = batch.slice(0, len(batch))
+        batch, rewards = sampled.batch.slice(0, len(sampled.batch)), sampled.rewards
     if e["reference"] is not None:
         with peaks.phase("reference"):
-            batch.ref_logprobs = forward_logprobs(e["reference"], batch, plan.micro_batch_size,
-                                                  cfg.rollout.temperature)
+            batch = dataclasses.replace(batch, ref_logprobs=forward_logprobs(
+                e["reference"], batch, plan.micro_batch_size, cfg.rollout.temperature))
         e["reference_rss"].setdefault("after_forward", memory_status()["rss"])
     if critic is not None:
         with peaks.phase("critic_values"):
             old_values = critic_values(critic, batch, plan.micro_batch_size)
-    score_advantages(cfg, batch, rewards)
+    scored = score_advantages(cfg, batch, rewards)
+    batch = dataclasses.replace(batch, advantages=scored.advantages,
+                                completion_mask=scored.completion_mask)
     with peaks.phase("update"):
-        metrics = update(e["policy"], batch, cfg, plan)
+        metrics = {k: m.value for k, m in update(e["policy"], batch, cfg, plan).metrics.items()}
     if critic is not None:
         with peaks.phase("critic_update"):
             critic_update(critic, batch, old_values, rewards, plan.micro_batch_size,

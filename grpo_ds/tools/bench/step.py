@@ -157,36 +157,37 @@ UPDATE_PARTS = ("forward", "backward", "optimizer_step")
 
 def run_step(ctx: dict, step: int) -> dict:
     """One GRPO step through the trainer's functions; seconds per phase (slowest rank)."""
-    from grpo_ds.trainer import (
-        forward_logprobs,
-        generate_and_score,
-        sample_seed,
-        score_advantages,
-        update,
-    )
+    import dataclasses
+
+    from grpo_ds.sample import generate_and_score, sample_seed
+    from grpo_ds.trainer import score_advantages
+    from grpo_ds.update import forward_logprobs, update
 
     cfg, plan, rank = ctx["cfg"], ctx["plan"], ctx["rank"]
     with Clock() as whole:
-        with Clock() as scored:
-            batch, rewards, _, metrics = generate_and_score(
+        with Clock() as scored_clock:
+            sampled = generate_and_score(
                 cfg, ctx["rollout"], ctx["tokenizer"], ctx["rows"], [even_share], ["even_share"],
                 sample_seed(cfg.train.seed, step, rank))
+        batch = sampled.batch.slice(0, len(sampled.batch))
         generated = int(batch.completion_mask.sum())
         assert generated == len(batch) * cfg.rollout.max_new_tokens, "the workload must be fixed"
-        batch = batch.slice(0, len(batch))
         with Clock() as reference:
-            batch.ref_logprobs = forward_logprobs(ctx["reference"], batch, plan.micro_batch_size,
-                                                  cfg.rollout.temperature)
-        score_advantages(cfg, batch, rewards)
+            batch = dataclasses.replace(batch, ref_logprobs=forward_logprobs(
+                ctx["reference"], batch, plan.micro_batch_size, cfg.rollout.temperature))
+        scored = score_advantages(cfg, batch, sampled.rewards)
+        batch = dataclasses.replace(batch, advantages=scored.advantages,
+                                    completion_mask=scored.completion_mask)
         engine = TimedEngine(ctx["policy"])
         with Clock() as updated, ctx.get("update_profiler") or contextlib.nullcontext():
             update(engine, batch, cfg, plan)
-    cpu = [scored.cpu, reference.cpu, updated.cpu, whole.cpu]
+    cpu = [scored_clock.cpu, reference.cpu, updated.cpu, whole.cpu]
     # rewards: what a rank's own generate_and_score took beyond its own generation. The slowest
     # rank's scored wall time minus another rank's generation mixes two ranks' clocks, and with
     # the ranks leaving the first barrier at different moments it could come out at 0.
-    own_rewards = scored.local - metrics["time/generation"]
-    local = [metrics["time/generation"], *(engine.seconds[k] for k in UPDATE_PARTS), *cpu,
+    generation = sampled.metrics["time/generation"].value  # the rollout's own seconds
+    own_rewards = scored_clock.local - generation
+    local = [generation, *(engine.seconds[k] for k in UPDATE_PARTS), *cpu,
              own_rewards]
     ranks = gather_floats(local)
     seconds = {"generation": max(r[0] for r in ranks), "rewards": max(r[-1] for r in ranks),
