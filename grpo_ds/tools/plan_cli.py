@@ -4,7 +4,7 @@
                  [--world-size N] [--nodes K] [shape flags] [--device-mem GB] [--host-mem GB]
                  [--margin FRACTION] [--json] [--section.key=value ...]
 
-Shape flags override the YAML (which overrides the built-in defaults of grpo_ds/config.py).
+Shape flags override the YAML (which overrides the built-in defaults of grpo_ds/config_schema.py).
 GB means GiB (2^30 bytes). Budgets default to the accelerator's total memory and the host's RAM;
 without an accelerator the device IS the host (one RAM pool per node), unless --device-mem is
 given, which plans for a separate device of that size (e.g. a GPU cluster, from a laptop).
