@@ -108,8 +108,8 @@ def train(cfg: Config) -> int:
         model_path, warmup_curve = warm_start(setup, source, inputs.tokenizer, logger,
                                               inputs.reward_fns[0])
     engines = build_engines(setup, model_path, ds, say=logger.print)
-    policy, tokenizer, adapters = engines.policy, engines.tokenizer, engines.adapters
-    checkpointer = Checkpointer(policy, checkpoint_root(cfg), cfg.checkpoint.keep_last, source,
+    adapters = engines.adapters
+    checkpointer = Checkpointer(engines.policy, checkpoint_root(cfg), cfg.checkpoint.keep_last, source,
                                 logger.print)
     if state is not None:
         checkpointer.load(resume_from, state)
@@ -125,12 +125,7 @@ def train(cfg: Config) -> int:
     if result["preempted"]:
         logger.close()
         return PREEMPTED_EXIT_CODE
-    if cfg.output.save_model and adapters is not None:
-        from grpo_ds.lora import save_adapter_and_merged
-
-        save_adapter_and_merged(policy, adapters, tokenizer, run_dir, cfg.model.dtype)
-    elif cfg.output.save_model:
-        save_hf_model(policy, tokenizer, run_dir / "model", cfg.model.dtype)
+    save_model(cfg, engines, run_dir)
     # Accuracies are null when there is no held-out set (the evaluation of nothing is NaN).
     summary = {"accuracy_before": result["accuracy_before"],
                "accuracy_after": result["accuracy_after"], "steps": cfg.train.steps,
@@ -138,14 +133,30 @@ def train(cfg: Config) -> int:
                "host_allocator": active_host_allocator(),
                "eval_curve": result["eval_curve"], "warmup_curve": warmup_curve}
     if rank == 0:
-        summary = strict_json(summary)
-        summary_path(cfg.output.run_dir).write_text(json.dumps(summary, indent=2, allow_nan=False))
-        logger.print(json.dumps({k: v for k, v in summary.items()
-                                 if not k.endswith("curve")}))
+        write_summary(cfg.output.run_dir, summary, logger)
     logger.close()
     dist.barrier()
     return 0
 
+
+def save_model(cfg: Config, engines, run_dir: Path) -> None:
+    """The trained model as a HF directory; with LoRA the PEFT adapter and the merged model."""
+    if not cfg.output.save_model:
+        return
+    if engines.adapters is not None:
+        from grpo_ds.lora import save_adapter_and_merged
+
+        save_adapter_and_merged(engines.policy, engines.adapters, engines.tokenizer, run_dir,
+                                cfg.model.dtype)
+    else:
+        save_hf_model(engines.policy, engines.tokenizer, run_dir / "model", cfg.model.dtype)
+
+
+def write_summary(run_dir: str, summary: dict, logger) -> None:
+    """summary.json as strict JSON (NaN and inf as null), and its scalars on the console."""
+    summary = strict_json(summary)
+    summary_path(run_dir).write_text(json.dumps(summary, indent=2, allow_nan=False))
+    logger.print(json.dumps({k: v for k, v in summary.items() if not k.endswith("curve")}))
 
 if __name__ == "__main__":
     finish_rank(main())
