@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from grpo_ds.tools.bench.mfu import ModelShape, forward_flops, generation_flops, train_flops
-from grpo_ds.tools.bench.step import Workload, build_lm, phase_flops
+from grpo_ds.tools.bench.step_worker import Workload, build_lm, phase_flops
 
 
 def test_flop_formulas_by_hand():

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from grpo_ds.build import build_engines, build_inputs
 from grpo_ds.config import load_config
-from grpo_ds.tools.bench import step
+from grpo_ds.tools.bench import step_worker as step
 
 
 def rollout_settings(rollout) -> dict:

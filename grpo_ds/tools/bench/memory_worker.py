@@ -221,7 +221,7 @@ def grpo_step(ctx: dict, peaks: Peaks, step: int, critic=None) -> dict:
     import dataclasses
 
     from grpo_ds.sample import generate_and_score, sample_seed
-    from grpo_ds.tools.bench.step import even_share
+    from grpo_ds.tools.bench.step_worker import even_share
     from grpo_ds.tools.critic import critic_update, critic_values
     from grpo_ds.trainer import score_advantages
     from grpo_ds.update import forward_logprobs, update
@@ -257,7 +257,7 @@ def setup(run: Run, peaks: Peaks) -> dict:
     from deepspeed import comm as dist
 
     from grpo_ds.rollout import HybridRollout
-    from grpo_ds.tools.bench.step import build_tokenizer
+    from grpo_ds.tools.bench.step_worker import build_tokenizer
 
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg, plan, ds = run_config(run, world)
