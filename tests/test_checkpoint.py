@@ -8,15 +8,17 @@ import pytest
 import torch
 
 from grpo_ds.checkpoint import (
-    STATE_FILE,
     CheckpointError,
     capture_rng,
     find_checkpoint,
     find_resume,
+    restore_rng,
+)
+from grpo_ds.checkpoint_files import (
+    STATE_FILE,
     latest_name,
     point_latest,
     prune,
-    restore_rng,
     set_aside_newer,
     step_name,
     trim_metrics,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from grpo_ds.checkpoint import STATE_FILE, latest_name
+from grpo_ds.checkpoint_files import STATE_FILE, latest_name
 from grpo_ds.export import consolidated_weights
 from tests.multirank import free_port
 
