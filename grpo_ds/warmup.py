@@ -87,7 +87,7 @@ def warm_start(cfg: Config, source, tokenizer, logger, reward_fn) -> tuple[str, 
     rollout = HybridRollout(engine.module.lm, pad_token_id=tokenizer.pad_token_id,
                             tokenizer=tokenizer, packed_weights=cfg.rollout.packed_weights,
                             max_batch_rows=cfg.rollout.max_batch_rows)
-    rollout = build_multiturn(cfg, rollout, tokenizer)  # a tool task evaluates with its tools
+    rollout = build_multiturn(cfg, rollout, tokenizer, engine.device)  # a tool task evaluates with its tools
     eval_rows = source.eval_rows()
     curve = run_warmup(engine, tokenizer, source, cfg.warmup,
                        lambda: evaluate(cfg, rollout, tokenizer, eval_rows, reward_fn,

@@ -39,16 +39,20 @@ def _local_max(value: int) -> int:
     return value
 
 
-def world_max() -> Callable[[int], int]:
-    """All-reduce MAX over all ranks when torch.distributed runs, else the value itself."""
+def world_max(device=None) -> Callable[[int], int]:
+    """All-reduce MAX over all ranks when torch.distributed runs, else the value itself.
+
+    device: where the reduced tensor lives, the policy's device (NCCL takes device tensors
+    only); None = the accelerator's current device."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return _local_max
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
 
+    device = device if device is not None else get_accelerator().current_device_name()
+
     def rank_max(value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64,
-                         device=get_accelerator().current_device_name())
+        t = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
@@ -67,18 +71,20 @@ class MultiTurnRollout:
         for its reward, its observation is dropped).
     max_total_tokens: most completion tokens per episode, observations included.
     rank_max: the all-reduce MAX that keeps ranks in step (world_max(); identity on one process).
+    device: the policy's device, where that all-reduce's tensor lives (None: the accelerator's).
     """
 
     takes_rows = True  # the trainer passes dataset rows to generate (the environment gets them)
 
     def __init__(self, backend, make_env: Callable[[], Environment], tokenizer, call_end: str,
-                 max_turns: int, max_total_tokens: int, rank_max: Callable[[int], int] | None = None):
+                 max_turns: int, max_total_tokens: int, rank_max: Callable[[int], int] | None = None,
+                 device=None):
         if max_turns < 1 or max_total_tokens < 1:
             raise ValueError(f"max_turns and max_total_tokens must be >= 1, got {max_turns}, "
                              f"{max_total_tokens}")
         self.backend, self.make_env, self.tokenizer = backend, make_env, tokenizer
         self.max_turns, self.budget = max_turns, max_total_tokens
-        self.rank_max = rank_max or world_max()
+        self.rank_max = rank_max or world_max(device)
         end_ids = tokenizer(call_end, add_special_tokens=False)["input_ids"]
         self.stop_ids = tuple(end_ids) if len(end_ids) == 1 else ()
         self.stop_strings = () if len(end_ids) == 1 else (call_end,)

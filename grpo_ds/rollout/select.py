@@ -65,4 +65,4 @@ def build_rollout(cfg: Config, policy, tokenizer):
     from grpo_ds.agents.build import build_multiturn
 
     # multi-turn (cfg.multiturn or a tool task): episodes of model and environment turns
-    return build_multiturn(cfg, ColocatedRollout(backend, policy), tokenizer)
+    return build_multiturn(cfg, ColocatedRollout(backend, policy), tokenizer, policy.device)
