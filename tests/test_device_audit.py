@@ -231,9 +231,9 @@ class AnswersTwice:
                         tool_failures=self.turns % 2)
 
 
-@pytest.mark.parametrize("kv_extend", [False])
+@pytest.mark.parametrize("kv_cache", ["reencode", "extend"])
 def test_a_multiturn_grpo_step_keeps_every_tensor_on_the_engine_device(
-        kv_extend, process_group, monkeypatch, one_thread):
+        kv_cache, process_group, monkeypatch, one_thread):
     """Episodes of three model turns: rewards (the environment's and a function's), own-token
     masks, advantages and the loss all on the engine's device."""
     from grpo_ds.agents.rewards import env_reward
@@ -250,8 +250,7 @@ def test_a_multiturn_grpo_step_keeps_every_tensor_on_the_engine_device(
         backend = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                                 packed_weights="off", tokenizer=tokenizer)
         rollout = MultiTurnRollout(backend, AnswersTwice, tokenizer, "]", max_turns=4,
-                                   max_total_tokens=40, device=device,
-                                   **({"kv_extend": True} if kv_extend else {}))
+                                   max_total_tokens=40, device=device, kv_cache=kv_cache)
         before = policy.module.lm.lm_head.weight.detach().cpu()
         for step in (1, 2):
             batch, rewards, _, metrics = grpo_step(

@@ -55,4 +55,5 @@ def build_multiturn(cfg, backend, tokenizer, device=None):
         return backend
     m = cfg.multiturn
     return MultiTurnRollout(backend, environment_factory(cfg), tokenizer, m.call_end,
-                            m.max_turns, m.max_total_tokens, device=device)
+                            m.max_turns, m.max_total_tokens, device=device,
+                            kv_cache=m.kv_cache)
