@@ -37,7 +37,8 @@ def test_ranks_whose_episodes_end_after_different_turns_do_not_hang(tmp_path):
         assert rank0[phase]["generate_calls"] == rank1[phase]["generate_calls"] == 6, phase
         assert rank1[phase]["own"] == [18] * 4  # 6 turns x 3 own tokens; observations not own
         assert all(n > 18 for n in rank1[phase]["lengths"])
-    # the same episodes whether each turn extends the KV cache or re-encodes the context
-    assert rank1["uneven_layers"] == rank1["uneven_layers_reencode"]
+    # the same episodes, token for token, whether each turn extends the KV cache or re-encodes
+    for rank in (rank0, rank1):
+        assert rank["uneven_layers"] == rank["uneven_layers_reencode"]
     assert rank0["empty_rank"]["turns"] == [] and rank1["empty_rank"]["turns"] == [6] * 4
     assert rank0["empty_rank"]["generate_calls"] == 6

@@ -51,7 +51,7 @@ def run(engine, tok, rank, gather, prompts, kv_cache="extend"):
     out = rollout.generate(prompts, 2, params, seed=11 + rank)
     return {"turns": out.columns["turns"], "generate_calls": out.metrics["generate_calls"],
             "lengths": out.completion_mask.sum(1).tolist(),
-            "own": out.loss_mask.sum(1).tolist()}
+            "own": out.loss_mask.sum(1).tolist(), "tokens": out.completion_ids.tolist()}
 
 
 def main():
