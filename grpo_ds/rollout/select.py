@@ -35,12 +35,15 @@ class ColocatedRollout:
                  params: SamplingParams, seed: int) -> RolloutOutput:
         self.backend.wake()
         try:
-            if self.policy.global_steps != self.synced_step:
-                self.backend.sync_weights(self.policy)
-                self.synced_step = self.policy.global_steps
+            self._sync()
             return self.backend.generate(prompt_ids, group_size, params, seed)
         finally:
             self.backend.sleep()
+
+    def _sync(self) -> None:
+        if self.policy.global_steps != self.synced_step:
+            self.backend.sync_weights(self.policy)
+            self.synced_step = self.policy.global_steps
 
     def kv_extension_unsupported(self, rows: int, group_size: int, capacity: int) -> str | None:
         ask = getattr(self.backend, "kv_extension_unsupported", None)
@@ -53,9 +56,7 @@ class ColocatedRollout:
         """The backend's multi-turn session, with the hooks around it as around generate."""
         self.backend.wake()
         try:
-            if self.policy.global_steps != self.synced_step:
-                self.backend.sync_weights(self.policy)
-                self.synced_step = self.policy.global_steps
+            self._sync()
             with self.backend.turns(rows_hint) as session:
                 yield session
         finally:
