@@ -3,7 +3,8 @@
 Reads RUN_DIR/metrics.jsonl (one JSON object per logged step) and, if present, RUN_DIR/summary.json
 for the supervised warm-up's accuracy curve. Panels: reward (mean and +-1 std over the step's
 samples), KL to the reference, completion length (mean, min..max), the warm-up's held-out accuracy,
-GRPO's held-out greedy accuracy, and the time per step by phase. matplotlib is an optional extra:
+GRPO's held-out greedy accuracy (with, for a multi-turn run, the share of sampled episodes that
+call a tool), and the time per step by phase. matplotlib is an optional extra:
 `pip install -e .[plot]`.
 """
 
@@ -55,6 +56,9 @@ def draw_line(ax, steps, values, label=None, color=None):
         ax.plot(steps, values, color=color, marker="o", markersize=3, label=label)
 
 
+TOOL_RATE = "tools/episodes_with_call"  # multi-turn runs: share of episodes with a tool call
+
+
 def draw(series: dict, summary: dict | None, run_name: str):
     import matplotlib
 
@@ -101,11 +105,16 @@ def draw(series: dict, summary: dict | None, run_name: str):
     warm_ax.set_title("warm-up: held-out greedy accuracy")
 
     steps, accuracy = points(series, "eval/accuracy")
-    eval_ax.plot(steps, accuracy, color="tab:purple", marker="o", markersize=4)
+    eval_ax.plot(steps, accuracy, color="tab:purple", marker="o", markersize=4,
+                 label="held-out greedy accuracy")
     if curve:
         eval_ax.axhline(curve[-1]["accuracy"], color="tab:gray", linestyle="--",
                         label="end of warm-up")
     eval_ax.set_title("GRPO: held-out greedy accuracy")
+    if series.get(TOOL_RATE):  # a multi-turn run: how often the sampled episodes call a tool
+        draw_line(eval_ax, *points(series, TOOL_RATE), "sampled episodes calling a tool",
+                  "tab:orange")
+        eval_ax.set_title("GRPO: held-out accuracy and tool-call rate")
     for ax in (warm_ax, eval_ax):  # one scale, so the two phases compare at a glance
         ax.set_ylim(-0.02, 1.02)
 

@@ -214,3 +214,62 @@ def test_the_stand_in_device_refuses_what_cuda_refuses():
         assert (on * torch.tensor(2.0)).sum().item() == 6.0  # a 0-dim CPU tensor is a scalar
         assert on[torch.tensor([0, 2])].tolist() == [1.0, 1.0]  # CPU indices may index
         assert not on_device(on.cpu()) and on_device(torch.zeros(2).to(device))
+
+
+class AnswersTwice:
+    """Two observations per episode, then done with a final reward: every episode has several
+    model turns and observation tokens, whatever the random model writes."""
+
+    def __init__(self):
+        self.turns = 0
+
+    def step(self, messages, row):
+        from grpo_ds.agents.environment import EnvReply
+
+        self.turns += 1
+        if self.turns > 2:
+            return EnvReply(done=True, reward=float(len(messages[-2]["content"]) % 3) / 2)
+        return EnvReply(observation=f"<{row['answer']}>", tool_calls=1,
+                        tool_failures=self.turns % 2)
+
+
+@pytest.mark.parametrize("kv_cache", ["reencode", "extend"])
+def test_a_multiturn_grpo_step_keeps_every_tensor_on_the_engine_device(
+        kv_cache, process_group, monkeypatch, one_thread):
+    """Episodes of three model turns: rewards (the environment's and a function's), own-token
+    masks, advantages and the loss all on the engine's device."""
+    from grpo_ds.agents.rewards import env_reward
+    from grpo_ds.agents.rollout import MultiTurnRollout
+
+    cfg, plan = run_config(["--multiturn.max_turns=4", "--multiturn.max_total_tokens=40"])
+    tokenizer = text_tokenizer()
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(llama_config(tokenizer))
+    with second_device() as device, audited_collectives(monkeypatch.setattr):
+        policy = DeviceEngine(CausalLMWithLogprobs(lm).to(device), plan.grad_accum)
+        reference = DeviceEngine(CausalLMWithLogprobs(copy.deepcopy(lm)).to(device)
+                                 .requires_grad_(False), lr=0.0)
+        backend = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
+                                packed_weights="off", tokenizer=tokenizer)
+        rollout = MultiTurnRollout(backend, AnswersTwice, tokenizer, "]", max_turns=4,
+                                   max_total_tokens=40, device=device, kv_cache=kv_cache)
+        before = policy.module.lm.lm_head.weight.detach().cpu()
+        for step in (1, 2):
+            batch, rewards, _, metrics = grpo_step(
+                cfg, plan, policy, reference, rollout, tokenizer, PROMPTS,
+                [env_reward, spread_reward], ["env", "spread"], step)
+        after = policy.module.lm.lm_head.weight.detach().cpu()
+
+    tensors = {name: value for name, value in vars(batch).items()
+               if isinstance(value, torch.Tensor)}
+    assert {name for name, value in tensors.items() if not on_device(value)} == set()
+    assert on_device(rewards) and rewards.shape == (8,)
+    own = batch.completion_mask.cpu()  # the own-token mask: observations attended, not trained
+    attended = batch.attention_mask.cpu()[:, -own.shape[1]:]
+    assert ((own == 0) & (attended == 1)).any(), "no observation tokens: nothing was audited"
+    # three model turns unless the model wrote EOS first
+    assert 1.0 < metrics["multiturn/turns_mean"] <= 3.0 and metrics["tools/call_frequency"] > 0
+    assert "rewards/env/mean" in metrics
+    assert all(isinstance(v, float) for v in metrics.values()), metrics
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert not torch.equal(before, after), "the policy did not train"

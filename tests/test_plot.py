@@ -68,3 +68,18 @@ def test_missing_matplotlib_names_the_extra(tmp_path):
                             timeout=120, check=False)
     assert result.returncode == 2
     assert "pip install -e .[plot]" in result.stderr
+
+
+def test_a_multiturn_run_plots_its_tool_call_rate_beside_the_accuracy(tmp_path):
+    pytest.importorskip("matplotlib")
+    from grpo_ds.plot import TOOL_RATE, draw
+
+    write_run(tmp_path / "run")
+    series = read_series(tmp_path / "run" / "metrics.jsonl")
+    without = draw(series, None, "run").axes[4]
+    series[TOOL_RATE] = {step: step / 30 for step in range(1, 31)}
+    with_tools = draw(series, None, "run").axes[4]
+    labels = [line.get_label() for line in with_tools.get_lines()]
+    assert any("calling a tool" in label for label in labels), labels
+    assert not any("calling a tool" in line.get_label() for line in without.get_lines())
+    assert "tool-call rate" in with_tools.get_title()

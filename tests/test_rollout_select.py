@@ -62,7 +62,8 @@ def test_the_engine_sleeps_even_when_generation_fails():
 def test_hybrid_backend_is_built_from_the_config_and_generates():
     cfg = load_config(None, ["--rollout.backend=hybrid", "--rollout.gather=full",
                              "--rollout.packed_weights=off"])
-    policy = SimpleNamespace(module=SimpleNamespace(lm=tiny_llama()), global_steps=0)
+    policy = SimpleNamespace(module=SimpleNamespace(lm=tiny_llama()), global_steps=0,
+                             device=torch.device("cpu"))  # as a DeepSpeed engine has
     rollout = build_rollout(cfg, policy, SimpleNamespace(pad_token_id=PAD))
     assert isinstance(rollout.backend, HybridRollout)
     assert isinstance(rollout, RolloutBackend) and isinstance(rollout.backend, RolloutBackend)

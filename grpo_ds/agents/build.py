@@ -48,10 +48,12 @@ def environment_factory(cfg):
     return lambda: env
 
 
-def build_multiturn(cfg, backend, tokenizer):
-    """`backend` wrapped in a MultiTurnRollout when the config asks for one, else as it is."""
+def build_multiturn(cfg, backend, tokenizer, device=None):
+    """`backend` wrapped in a MultiTurnRollout when the config asks for one, else as it is.
+    device: the policy's device (the per-turn all-reduce's tensor lives there)."""
     if not multiturn_enabled(cfg):
         return backend
     m = cfg.multiturn
     return MultiTurnRollout(backend, environment_factory(cfg), tokenizer, m.call_end,
-                            m.max_turns, m.max_total_tokens)
+                            m.max_turns, m.max_total_tokens, device=device,
+                            kv_cache=m.kv_cache)

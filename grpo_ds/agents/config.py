@@ -31,15 +31,23 @@ class MultiTurnConfig:
     """Most completion tokens per episode, the model's and the observations' together."""
     tool_timeout: float = 5.0
     """Seconds a tool may run before its observation says it timed out."""
+    kv_cache: str = "auto"
+    """Between turns: `extend` keeps each episode's KV cache and prefills only the new tokens;
+    `reencode` re-prefills the whole episode every turn (same tokens); `auto` extends, and
+    re-encodes with a log line saying why where the backend or model cannot (sliding-window
+    layers, more episodes than one generation pass holds)."""
 
 
 CALL_FORMATS = ("json", "python")
+KV_CACHE_MODES = ("auto", "extend", "reencode")
 
 
 def validate_multiturn(m: MultiTurnConfig, error) -> None:
     """Raise `error(message)` naming the first bad `multiturn.*` field."""
     if m.call_format not in CALL_FORMATS:
         raise error(f"multiturn.call_format={m.call_format!r}: must be one of {CALL_FORMATS}")
+    if m.kv_cache not in KV_CACHE_MODES:
+        raise error(f"multiturn.kv_cache={m.kv_cache!r}: must be one of {KV_CACHE_MODES}")
     for name in ("max_turns", "max_total_tokens"):
         if getattr(m, name) < 1:
             raise error(f"multiturn.{name}={getattr(m, name)}: must be >= 1")

@@ -17,38 +17,53 @@ ranks agree (all-reduce MAX) whether any rank still has a live episode; a rank w
 generate with no prompts, which joins the gathers and decodes nothing. So all ranks run the same
 number of generate calls, however differently their episodes end.
 
-KV cache: each turn re-prefills an episode's whole context (prompt, earlier turns,
-observations); the cache is not carried from one turn to the next. Correct for any template and
-any backend; the cost is one prefill of the context per turn.
+KV cache (`kv_cache`): "extend" keeps each episode's keys and values between turns and prefills
+only the new tokens (the turn's last token and the observation; grpo_ds/rollout/turns.py), over
+weights gathered once for the whole rollout; "reencode" runs each turn as a fresh generate that
+re-prefills the episode's whole context. Both give the same tokens (tests/test_multiturn_kv.py):
+observations are appended as tokens and no chat template re-renders earlier turns, so every
+template this rollout builds allows extension. What can refuse it is the backend or the model:
+a backend without a multi-turn session, sliding-window cache layers, or more episodes than one
+pass of the engine may hold. "auto" then re-encodes and says why in a log line (all ranks
+re-encode if one must: the choice decides the collectives); "extend" raises instead.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
 
+from grpo_ds.agents.config import KV_CACHE_MODES
 from grpo_ds.agents.environment import Environment
 from grpo_ds.agents.episodes import Episode, episode_metrics, episode_tensors
 from grpo_ds.rollout.backend import RolloutOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 def _local_max(value: int) -> int:
     return value
 
 
-def world_max() -> Callable[[int], int]:
-    """All-reduce MAX over all ranks when torch.distributed runs, else the value itself."""
+def world_max(device=None) -> Callable[[int], int]:
+    """All-reduce MAX over all ranks when torch.distributed runs, else the value itself.
+
+    device: where the reduced tensor lives, the policy's device (NCCL takes device tensors
+    only); None = the accelerator's current device."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return _local_max
     from deepspeed import comm as dist
     from deepspeed.accelerator import get_accelerator
 
+    device = device if device is not None else get_accelerator().current_device_name()
+
     def rank_max(value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64,
-                         device=get_accelerator().current_device_name())
+        t = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
@@ -67,18 +82,24 @@ class MultiTurnRollout:
         for its reward, its observation is dropped).
     max_total_tokens: most completion tokens per episode, observations included.
     rank_max: the all-reduce MAX that keeps ranks in step (world_max(); identity on one process).
+    device: the policy's device, where that all-reduce's tensor lives (None: the accelerator's).
+    kv_cache: "auto" | "extend" | "reencode" (module docstring).
     """
 
     takes_rows = True  # the trainer passes dataset rows to generate (the environment gets them)
 
     def __init__(self, backend, make_env: Callable[[], Environment], tokenizer, call_end: str,
-                 max_turns: int, max_total_tokens: int, rank_max: Callable[[int], int] | None = None):
+                 max_turns: int, max_total_tokens: int, rank_max: Callable[[int], int] | None = None,
+                 device=None, kv_cache: str = "auto"):
+        if kv_cache not in KV_CACHE_MODES:
+            raise ValueError(f"kv_cache must be one of {KV_CACHE_MODES}, got {kv_cache!r}")
+        self.kv_cache, self.said_why = kv_cache, False
         if max_turns < 1 or max_total_tokens < 1:
             raise ValueError(f"max_turns and max_total_tokens must be >= 1, got {max_turns}, "
                              f"{max_total_tokens}")
         self.backend, self.make_env, self.tokenizer = backend, make_env, tokenizer
         self.max_turns, self.budget = max_turns, max_total_tokens
-        self.rank_max = rank_max or world_max()
+        self.rank_max = rank_max or world_max(device)
         end_ids = tokenizer(call_end, add_special_tokens=False)["input_ids"]
         self.stop_ids = tuple(end_ids) if len(end_ids) == 1 else ()
         self.stop_strings = () if len(end_ids) == 1 else (call_end,)
@@ -100,24 +121,54 @@ class MultiTurnRollout:
                                   stop_token_ids=tuple(params.stop_token_ids) + self.stop_ids,
                                   stop_strings=tuple(params.stop_strings) + self.stop_strings)
         device, calls = None, 0
-        for turn in range(self.max_turns):
-            live = [i for i, e in enumerate(episodes) if not e.done]
-            if not self.rank_max(int(bool(live))):
-                break
-            room = max((self.budget - len(episodes[i].completion) for i in live), default=1)
-            step_params = replace(turn_params, max_new_tokens=max(1, min(params.max_new_tokens,
-                                                                          room)),
-                                  min_new_tokens=min(params.min_new_tokens, max(1, room)))
-            # turn 0 samples as a single-turn rollout with this seed would (max_turns=1 is one)
-            turn_seed = seed if turn == 0 else (seed * 1_000_003 + turn * 7_919) % (2**63)
-            if turn == 0:  # the G episodes of a prompt share its prefill
-                out = self.backend.generate(prompt_ids, group_size, step_params, turn_seed)
-            else:
-                out = self.backend.generate([episodes[i].context() for i in live], 1, step_params,
-                                            turn_seed)
-            device, calls = out.completion_ids.device, calls + 1
-            self._take_turn(out, live, episodes, envs, turn, params)
+        capacity = max((len(p) for p in prompt_ids), default=0) + self.budget
+        extend = self.max_turns > 1 and self._extend(len(episodes), group_size, capacity)
+        with (self.backend.turns(len(episodes)) if extend else nullcontext()) as session:
+            for turn in range(self.max_turns):
+                live = [i for i, e in enumerate(episodes) if not e.done]
+                if not self.rank_max(int(bool(live))):
+                    break
+                room = max((self.budget - len(episodes[i].completion) for i in live), default=1)
+                step_params = replace(turn_params,
+                                      max_new_tokens=max(1, min(params.max_new_tokens, room)),
+                                      min_new_tokens=min(params.min_new_tokens, max(1, room)))
+                # turn 0 samples as a single-turn rollout with this seed would (max_turns=1 is one)
+                turn_seed = seed if turn == 0 else (seed * 1_000_003 + turn * 7_919) % (2**63)
+                out = self._model_turn(session, turn, prompt_ids, group_size, episodes, live,
+                                       step_params, turn_seed)
+                device, calls = out.completion_ids.device, calls + 1
+                self._take_turn(out, live, episodes, envs, turn, params)
         return self._output(episodes, device, start, calls, group_size)
+
+    def _model_turn(self, session, turn, prompt_ids, group_size, episodes, live, params, seed):
+        """One model turn of the live episodes: on the kept caches (session) or re-encoded."""
+        contexts = [episodes[i].context() for i in live]
+        if session is not None:
+            if turn == 0:  # the G episodes of a prompt share its prefill
+                return session.first_turn(prompt_ids, group_size, params, seed)
+            return session.next_turn(live, contexts, params, seed)
+        if turn == 0:
+            return self.backend.generate(prompt_ids, group_size, params, seed)
+        return self.backend.generate(contexts, 1, params, seed)
+
+    def _extend(self, rows: int, group_size: int, capacity: int) -> bool:
+        """Whether this rollout keeps its KV cache between turns; the same answer on all ranks."""
+        if self.kv_cache == "reencode":
+            return False
+        ask = getattr(self.backend, "kv_extension_unsupported", None)
+        reason = (f"{type(self.backend).__name__} has no multi-turn session" if ask is None
+                  else ask(rows, group_size, capacity))
+        if not self.rank_max(int(reason is not None)):
+            return True
+        reason = reason or "another rank cannot keep it"
+        if self.kv_cache == "extend":
+            raise RuntimeError(f"multiturn.kv_cache='extend': the KV cache cannot be carried "
+                               f"between turns: {reason}. Use kv_cache='auto' or 'reencode'.")
+        if not self.said_why:
+            logger.warning("multiturn.kv_cache=auto: each turn re-encodes the whole episode "
+                           "(KV cache not extended) because %s", reason)
+            self.said_why = True
+        return False
 
     def _take_turn(self, out: RolloutOutput, live: list[int], episodes: list[Episode], envs,
                    turn: int, params: SamplingParams) -> None:

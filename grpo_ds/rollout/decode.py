@@ -20,6 +20,11 @@ seen (prompt and completion), built only when the penalty is on.
 
 Positions: prompts are left-padded, so a row's position is its count of real tokens so far
 (prefill: cumsum(mask) - 1; step t: prompt_length + t).
+
+Extension (multi-turn, turns.py): the cache may already hold each row's earlier context
+(`past_mask [B, Lp]`, 1 on its real columns); the prefill then runs only the new tokens,
+attending to the past through the mask, at positions that continue each row's count. A row
+leaving the batch is first handed to `on_retire`, which may keep its keys and values.
 """
 
 from __future__ import annotations
@@ -55,7 +60,12 @@ class _Batch:
         self.cache = cache
         self.alive = torch.ones_like(rows, dtype=torch.bool)  # only False when not compacting
 
-    def keep(self, keep: torch.Tensor) -> None:
+    def keep(self, keep: torch.Tensor, on_retire=None, filled: int = 0) -> None:
+        """Keep rows where `keep`; `on_retire(batch_index, rows, attn)` first sees the others
+        (their cache columns and mask up to `filled`)."""
+        if on_retire is not None and not keep.all():
+            gone = (~keep).nonzero().squeeze(-1)
+            on_retire(gone, self.rows[gone], self.attn[gone, :filled])
         idx = keep.nonzero().squeeze(-1)
         self.rows, self.attn = self.rows[idx], self.attn[idx]
         self.next_pos, self.alive = self.next_pos[idx], self.alive[idx]
@@ -74,14 +84,25 @@ def decode(
     pad_token_id: int,
     any_rank: Callable[[bool], bool] | None = None,
     compact: bool = True,
+    past_mask: torch.Tensor | None = None,
+    on_retire: Callable | None = None,
+    history: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> DecodeResult:
     """Run prefill + decode for prompts [N, Tp] (left-padded) and G samples each.
 
     `forward(ids, mask, positions, cache) -> logits [B, V]` for the last position;
     `any_rank(flag) -> bool` is the lockstep all-reduce, or None when forwards are collective-free.
     `uniforms [N*G, max_new_tokens]` feeds the sampler (None for greedy).
+    Extension: `past_mask [N, Lp]` marks the real columns `cache` already holds (group_size 1);
+    `on_retire(batch_index, rows, attn)` sees each row before it leaves the batch (needs
+    compact); `history` (ids, mask) [N, Th] is what the repetition penalty counts as seen
+    (default: the prompts).
     """
-    num_prompts, prompt_len = prompt_ids.shape
+    if past_mask is not None:
+        assert group_size == 1, "an extended cache holds one row per episode"
+        prompt_mask = torch.cat([past_mask, prompt_mask], 1)
+    past_len = 0 if past_mask is None else past_mask.shape[1]
+    num_prompts, prompt_len = prompt_ids.shape[0], prompt_mask.shape[1]  # prompt_len: with past
     device, rows_total, max_new = prompt_ids.device, num_prompts * group_size, params.max_new_tokens
     out_tokens = torch.full((rows_total, max_new), pad_token_id, dtype=torch.long, device=device)
     out_logprobs = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
@@ -90,7 +111,7 @@ def decode(
 
     start, forwards, logits = time.perf_counter(), 1, None
     if num_prompts > 0:
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
         logits = forward(prompt_ids, prompt_mask, positions, cache).repeat_interleave(group_size, 0)
         cache.batch_repeat_interleave(group_size)  # share each prompt's KV rows with its G samples
     elif any_rank is not None:
@@ -98,7 +119,8 @@ def decode(
     prefill_seconds = time.perf_counter() - start
     seen = None
     if params.repetition_penalty != 1.0 and logits is not None:
-        seen = _prompt_tokens_seen(prompt_ids, prompt_mask, logits.shape[-1], group_size)
+        seen_ids, seen_mask = history or (prompt_ids, prompt_mask)
+        seen = _prompt_tokens_seen(seen_ids, seen_mask, logits.shape[-1], group_size)
 
     attn = torch.zeros((rows_total, prompt_len + max_new), dtype=prompt_mask.dtype, device=device)
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, 0)
@@ -111,7 +133,7 @@ def decode(
                                   out_tokens, out_logprobs, lengths, stopped)
             if compact and not batch.alive.all():
                 tokens = tokens[batch.alive]
-                batch.keep(batch.alive)
+                batch.keep(batch.alive, on_retire, prompt_len + step)
         has_work = bool(batch.alive.any())
         if not (any_rank(has_work) if any_rank is not None else has_work):
             break

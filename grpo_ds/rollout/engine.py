@@ -35,7 +35,8 @@ and later break autograd in training. no_grad is safe and nearly as fast here.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ from grpo_ds.rollout.gather import (
 )
 from grpo_ds.rollout.passes import concat_results, plan_passes, rows_that_fit
 from grpo_ds.rollout.stops import StopChecker
+from grpo_ds.rollout.turns import TurnSession, draw_uniforms, extension_unsupported
 
 GATHER_MODES = ("auto", "full", "layers")
 
@@ -128,12 +130,7 @@ class HybridRollout(ReadsLiveWeights):
         ids, mask = left_pad(prompt_ids, self.pad_token_id, device)
         max_rows = self._rows_bound(device, ids.shape[1] + params.max_new_tokens, group_size)
         passes = plan_passes(len(prompt_ids), group_size, max_rows)
-        rows = ids.shape[0] * group_size
-        uniforms = None
-        if params.temperature > 0:
-            gen = torch.Generator(device=device).manual_seed(seed)
-            uniforms = torch.rand((rows, params.max_new_tokens), generator=gen,
-                                  dtype=torch.float64, device=device)
+        uniforms = draw_uniforms(ids.shape[0] * group_size, params, seed, device)
         stops = StopChecker(params.stop_token_ids, params.stop_strings, self.tokenizer, device)
         mode, timings = self.gather_mode(), {"gather_seconds": 0.0}
         start = time.perf_counter()
@@ -143,6 +140,43 @@ class HybridRollout(ReadsLiveWeights):
         seconds = time.perf_counter() - start
         extra["rows_per_pass"] = max(b - a for a, b in passes) * group_size
         return self._output(ids, mask, group_size, result, seconds, mode, timings, extra)
+
+    def kv_extension_unsupported(self, rows: int, group_size: int, capacity: int) -> str | None:
+        """Why a multi-turn rollout of `rows` episodes (contexts up to `capacity` tokens) cannot
+        keep its KV cache between turns (turns.py), or None when it can."""
+        reason = extension_unsupported(self.model.config)
+        bound = self._rows_bound(self._device(), capacity, group_size)
+        if reason is None and bound is not None and bound < rows:
+            reason = (f"its {rows} episodes' caches do not fit one pass ({bound} rows: "
+                      "rollout.max_batch_rows or the device's free memory)")
+        return reason
+
+    @contextmanager
+    def turns(self, rows_hint: int) -> Iterator[TurnSession]:
+        """A multi-turn session (turns.py) over weights held until it ends: one full gather, or
+        layer groups gathered per forward (ranks in lockstep). Under ZeRO-3 every rank opens it
+        together and runs as many turns. rows_hint: the most rows one forward runs."""
+        device, mode, timings = self._device(), self.gather_mode(), {"gather_seconds": 0.0}
+        with ExitStack() as stack:
+            for context in (torch.no_grad(), eval_mode(self.model),
+                            suspend_zero3_hooks(self.model)):
+                stack.enter_context(context)
+            shared = stack.enter_context(shared_prefix_attention(self.model,
+                                                                 enabled=self.share_prefix))
+            any_rank = None
+            if mode == "layers":
+                forward = LayeredForward(self.model, timings, self.layers_per_group, self.budget,
+                                         prefetch=self.prefetch, pack=self.pack)
+                if forward.collective:
+                    rank_max = _rank_max_fn(self.model, device)
+
+                    def any_rank(flag: bool) -> bool:
+                        return rank_max(int(flag)) > 0
+            else:
+                stack.enter_context(full_gather(self.model, timings,
+                                                rows_hint if self.pack else None))
+                forward = FullForward(self.model)
+            yield TurnSession(self, forward, any_rank, mode, timings, device, shared)
 
     def _rows_bound(self, device: torch.device, capacity: int, group_size: int) -> int | None:
         """Most rows a pass decodes: max_batch_rows when set; else, on a device with its own

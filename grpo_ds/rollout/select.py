@@ -13,6 +13,7 @@ is our log-prob wrapper around the HF model (model.CausalLMWithLogprobs); it nee
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 from grpo_ds.config import Config, ConfigError
 from grpo_ds.rollout.backend import RolloutBackend, RolloutOutput, SamplingParams
@@ -34,10 +35,30 @@ class ColocatedRollout:
                  params: SamplingParams, seed: int) -> RolloutOutput:
         self.backend.wake()
         try:
-            if self.policy.global_steps != self.synced_step:
-                self.backend.sync_weights(self.policy)
-                self.synced_step = self.policy.global_steps
+            self._sync()
             return self.backend.generate(prompt_ids, group_size, params, seed)
+        finally:
+            self.backend.sleep()
+
+    def _sync(self) -> None:
+        if self.policy.global_steps != self.synced_step:
+            self.backend.sync_weights(self.policy)
+            self.synced_step = self.policy.global_steps
+
+    def kv_extension_unsupported(self, rows: int, group_size: int, capacity: int) -> str | None:
+        ask = getattr(self.backend, "kv_extension_unsupported", None)
+        if ask is None:
+            return f"{type(self.backend).__name__} has no multi-turn session"
+        return ask(rows, group_size, capacity)
+
+    @contextmanager
+    def turns(self, rows_hint: int):
+        """The backend's multi-turn session, with the hooks around it as around generate."""
+        self.backend.wake()
+        try:
+            self._sync()
+            with self.backend.turns(rows_hint) as session:
+                yield session
         finally:
             self.backend.sleep()
 
@@ -65,4 +86,4 @@ def build_rollout(cfg: Config, policy, tokenizer):
     from grpo_ds.agents.build import build_multiturn
 
     # multi-turn (cfg.multiturn or a tool task): episodes of model and environment turns
-    return build_multiturn(cfg, ColocatedRollout(backend, policy), tokenizer)
+    return build_multiturn(cfg, ColocatedRollout(backend, policy), tokenizer, policy.device)

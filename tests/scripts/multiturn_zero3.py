@@ -6,7 +6,9 @@ Rank 0's environment ends every episode after its first model turn; rank 1's ans
 so its episodes run max_turns = 6 model turns. Every generate call gathers the partitioned
 weights (a collective), so rank 0 must keep joining with empty calls. Phases (each prints
 "PHASE <name> ok", so a hang shows where it stopped): uneven_full (gather="full"),
-uneven_layers (layer groups, lockstep inside each call), empty_rank (rank 0 has no prompts).
+uneven_layers (layer groups, lockstep inside each call), empty_rank (rank 0 has no prompts),
+all with the KV cache extended between turns, and uneven_layers_reencode (each turn a fresh
+generate over the whole context).
 """
 
 import argparse
@@ -40,15 +42,16 @@ class Scripted:
         return EnvReply(observation="<ok>", tool_calls=1) if self.answers else EnvReply(done=True)
 
 
-def run(engine, tok, rank, gather, prompts):
+def run(engine, tok, rank, gather, prompts, kv_cache="extend"):
     backend = HybridRollout(engine.module, tok.pad_token_id, gather=gather, layers_per_group=1)
     env = Scripted(answers=rank == 1)
-    rollout = MultiTurnRollout(backend, lambda: env, tok, "]", max_turns=6, max_total_tokens=200)
+    rollout = MultiTurnRollout(backend, lambda: env, tok, "]", max_turns=6, max_total_tokens=200,
+                               kv_cache=kv_cache)
     params = SamplingParams(max_new_tokens=3, temperature=1.0)  # no stop: every turn runs 3
     out = rollout.generate(prompts, 2, params, seed=11 + rank)
     return {"turns": out.columns["turns"], "generate_calls": out.metrics["generate_calls"],
             "lengths": out.completion_mask.sum(1).tolist(),
-            "own": out.loss_mask.sum(1).tolist()}
+            "own": out.loss_mask.sum(1).tolist(), "tokens": out.completion_ids.tolist()}
 
 
 def main():
@@ -68,10 +71,12 @@ def main():
                                       model_parameters=model.parameters())
     prompts = [tok(p)["input_ids"] for p in ("3*4=", "12*5=")]
     facts = {}
-    for name, gather, mine in (("uneven_full", "full", prompts),
-                               ("uneven_layers", "layers", prompts),
-                               ("empty_rank", "layers", [] if rank == 0 else prompts)):
-        facts[name] = run(engine, tok, rank, gather, mine)
+    for name, gather, mine, kv in (("uneven_full", "full", prompts, "extend"),
+                                   ("uneven_layers", "layers", prompts, "extend"),
+                                   ("uneven_layers_reencode", "layers", prompts, "reencode"),
+                                   ("empty_rank", "layers", [] if rank == 0 else prompts,
+                                    "extend")):
+        facts[name] = run(engine, tok, rank, gather, mine, kv)
         print(f"PHASE {name} ok", flush=True)
     gathered = [None, None]
     dist.all_gather_object(gathered, facts)
