@@ -255,9 +255,9 @@ def test_a_multiturn_grpo_step_keeps_every_tensor_on_the_engine_device(
                                    max_total_tokens=40, device=device, kv_cache=kv_cache)
         before = policy.module.lm.lm_head.weight.detach().cpu()
         for step in (1, 2):
-            batch, rewards, _, metrics = grpo_step(
-                cfg, plan, policy, reference, rollout, tokenizer, PROMPTS,
-                [env_reward, spread_reward], ["env", "spread"], step)
+            result = grpo_step(cfg, plan, policy, reference, rollout, tokenizer, PROMPTS,
+                               [env_reward, spread_reward], ["env", "spread"], step)
+        batch, rewards, metrics = result.batch, result.rewards, result.metrics
         after = policy.module.lm.lm_head.weight.detach().cpu()
 
     tensors = {name: value for name, value in vars(batch).items()

@@ -61,12 +61,12 @@ def assert_same_episodes(a, b):
 
 
 CASES = {
-    "sampled": dict(params=dict(temperature=1.0)),
-    "greedy": dict(params=dict(temperature=0.0)),
-    "top_p_penalty": dict(params=dict(temperature=0.8, top_p=0.9, repetition_penalty=1.3)),
-    "stop_string": dict(params=dict(temperature=1.0), call_end="])"),
-    "layer_groups": dict(params=dict(temperature=1.0), gather="layers", layers_per_group=1),
-    "no_shared_prefix": dict(params=dict(temperature=1.0), share_prefix=False),
+    "sampled": {"params": {"temperature": 1.0}},
+    "greedy": {"params": {"temperature": 0.0}},
+    "top_p_penalty": {"params": {"temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.3}},
+    "stop_string": {"params": {"temperature": 1.0}, "call_end": "])"},
+    "layer_groups": {"params": {"temperature": 1.0}, "gather": "layers", "layers_per_group": 1},
+    "no_shared_prefix": {"params": {"temperature": 1.0}, "share_prefix": False},
 }
 
 

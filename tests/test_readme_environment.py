@@ -15,7 +15,7 @@ from grpo_ds.agents.build import build_multiturn
 from grpo_ds.config import load_config, validate
 from grpo_ds.rewards.loading import load_reward_function
 from grpo_ds.rollout import HybridRollout
-from grpo_ds.trainer import generate_and_score
+from grpo_ds.sample import generate_and_score
 from tests.tiny_models import llama_config, save_causal_lm, text_tokenizer
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -24,7 +24,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def readme_example() -> tuple[str, list[str]]:
     """(the `# guess_env.py` Python block, the flags of the bash block right after it)."""
     text = README.read_text()
-    match = re.search(r"```python\n(# guess_env\.py\n.*?)```\s*```bash\n(.*?)```", text, re.S)
+    match = re.search(r"```python\n(# guess_env\.py\n.*?)```\s*```bash\n(.*?)```", text, re.DOTALL)
     assert match, "README.md no longer has the guess_env.py example followed by its command"
     code, command = match.groups()
     argv = shlex.split(command.replace("\\\n", " "))
@@ -62,8 +62,9 @@ def test_the_readme_environment_runs_a_multiturn_rollout(tmp_path, monkeypatch, 
     lm.lm_head = head
     rollout = build_multiturn(cfg, HybridRollout(lm, tok.pad_token_id, tokenizer=tok), tok)
     reward_fns = [load_reward_function(spec) for spec in cfg.rewards.functions]
-    batch, rewards, (prompts, texts), metrics = generate_and_score(
-        cfg, rollout, tok, rows, reward_fns, ["env"], seed=1)
+    sampled = generate_and_score(cfg, rollout, tok, rows, reward_fns, ["env"], seed=1)
+    rewards, texts = sampled.rewards, sampled.completions
+    metrics = {name: metric.value for name, metric in sampled.metrics.items()}
 
     assert len(texts) == 8 and rewards.shape == (8,)
     assert metrics["multiturn/turns_mean"] > 1  # the environment answered and the model went on

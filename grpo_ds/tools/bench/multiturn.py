@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from grpo_ds.config import load_config
     from grpo_ds.model import load_pretrained
     from grpo_ds.train import make_source
-    from grpo_ds.trainer import prompt_token_ids, rows_for, sampling_params
+    from grpo_ds.sample import prompt_token_ids, rows_for, sampling_params
 
     cfg = load_config(None, ["--task.name=tool_arithmetic"])
     source, _ = make_source(cfg, 0, 1)
