@@ -1,7 +1,7 @@
 """The `lora` section of `grpo-ds bench memory`: the largest policy that completes two GRPO steps
 with LoRA adapters and the reference as the adapter-free base, beside full fine-tuning.
 
-    grpo-ds bench memory --sections lora [--lora-sizes 1.1B,2.1B,7B] [--lora-full-sizes 2.1B]
+    grpo-ds bench memory --sections lora [--lora-sizes 1.1B,2.1B,7B] [--lora-full-sizes 1.1B]
                          [--lora-preset zero3_lora_offload] [--probe-preset zero3_nvme] --json
 
 Two groups of fresh 2-rank launches (memory_worker.py), each in size order and stopping at its

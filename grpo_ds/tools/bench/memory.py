@@ -4,7 +4,7 @@
                          [--presets zero3,...] [--sizes 25M,300M] [--lean-sizes 300M,570M]
                          [--no-critic]
                          [--probe 1.1B,2.1B,...] [--probe-preset zero3_nvme] [--nvme-path DIR]
-                         [--lora-sizes 1.1B,2.1B,7B] [--lora-full-sizes 2.1B]
+                         [--lora-sizes 1.1B,2.1B,7B] [--lora-full-sizes 1.1B]
 
 Every measurement is a fresh 2-rank launch of grpo_ds/tools/bench/memory_worker.py (how a rank builds
 the engines, runs the trainer's functions and reads its peak RSS is described there), so each
@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     parser.add_argument("--probe-preset", default="zero3_nvme")
     parser.add_argument("--lora-sizes", default="1.1B,2.1B,7B",
                         help="model sizes of the lora section, in order (7B: Llama-2-7B's shape)")
-    parser.add_argument("--lora-full-sizes", default="2.1B",
+    parser.add_argument("--lora-full-sizes", default="1.1B",
                         help="sizes of the lora section's full fine-tuning baseline ('' for none)")
     parser.add_argument("--lora-preset", default="zero3_lora_offload")
     parser.add_argument("--nvme-path", default="", help="swap folder (default: a temp dir)")
