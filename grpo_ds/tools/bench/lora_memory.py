@@ -20,7 +20,7 @@ engines besides the policy's), not assumed.
 
 from __future__ import annotations
 
-import sys
+import os
 from dataclasses import replace
 
 from grpo_ds.tools.bench.memory_worker import GIB, Run
@@ -45,8 +45,17 @@ def planned_node_bytes(run: Run, world: int = 2) -> int:
     """The planner's peak RAM of all `world` ranks of `run` (CPU host: device memory is RAM)."""
     from grpo_ds.tools.bench.memory_worker import planned, run_config
 
-    cfg, _, ds = run_config(run, world)
-    return world * planned(run, cfg, ds, world)["grpo"]
+    # the planner counts the allocator's kept heap unless glibc returns freed blocks (mmap),
+    # as the ranks of this run will have it
+    mmap = run.malloc == "mmap" and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+    if mmap:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        cfg, _, ds = run_config(run, world)
+        return world * planned(run, cfg, ds, world)["grpo"]
+    finally:
+        if mmap:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
 
 
 def needed_free_bytes(run: Run) -> int:
@@ -81,7 +90,3 @@ def lora_bars(report: dict) -> dict:
             / max(fulls[k]["measured_peak_bytes_per_rank"]),
             "seconds_per_step": r["seconds_per_step"] / fulls[k]["seconds_per_step"]}
             for k, r in lora if k in shared}}
-
-
-def say(line: str) -> None:
-    print(f"[bench] {line}", file=sys.stderr, flush=True)
