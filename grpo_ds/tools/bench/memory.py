@@ -4,6 +4,7 @@
                          [--presets zero3,...] [--sizes 25M,300M] [--lean-sizes 300M,570M]
                          [--no-critic]
                          [--probe 1.1B,2.1B,...] [--probe-preset zero3_nvme] [--nvme-path DIR]
+                         [--lora-sizes 1.1B,2.1B,7B] [--lora-full-sizes 1.1B]
 
 Every measurement is a fresh 2-rank launch of grpo_ds/tools/bench/memory_worker.py (how a rank builds
 the engines, runs the trainer's functions and reads its peak RSS is described there), so each
@@ -30,6 +31,9 @@ Models: Llama-style from a config, random init (memory_worker.SIZES). Sections:
   probe        (--probe) the largest policy completing 2 GRPO steps (G = 4, 16 new tokens,
                beta > 0): sizes in order, stopping at the first failure; waits for 18 GiB of
                free RAM before each size
+  lora         (--sections lora) the same probe with LoRA adapters and no reference engine, up to
+               Llama-2-7B's shape, beside full fine-tuning measured in the same run
+               (grpo_ds/tools/bench/lora_memory.py)
 A rank exits when the machine's MemAvailable falls under 1 GiB (rather than letting the OOM killer
 pick a process, possibly someone else's); that run is reported with its error.
 """
@@ -46,6 +50,7 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 
+from grpo_ds.tools.bench import lora_memory
 from grpo_ds.tools.bench.common import available_ram, launch_workers
 from grpo_ds.tools.bench.memory_worker import GIB, Run
 
@@ -95,6 +100,8 @@ def section_runs(args) -> dict[str, dict[str, Run]]:
         runs["lean"] = {f"zero3_lean+gather=layers/{s}": replace(base, preset="zero3_lean", size=s,
                                                                  gather="layers")
                         for s in args.lean_sizes.split(",")}
+    if "lora" in sections:
+        runs.update(lora_memory.lora_runs(args, base))
     if args.probe:
         runs["probe"] = {s: replace(base, preset=args.probe_preset, size=s, prompts_per_rank=1,
                                     prompt_len=16, gather="layers", checkpointing=True,
@@ -118,7 +125,9 @@ def summarise(report: dict) -> dict:
                       for k in ranks[0]["grpo_phases"]},
            "seconds_per_step": step_seconds(ranks, "grpo_seconds", steps),
            "reference_rss": [r["reference_rss"] for r in ranks], "steps": ranks[0]["steps"],
-           "planner_fits": plan["fits"], "timeline_rank0": ranks[0]["timeline"]}
+           "planner_fits": plan["fits"], "timeline_rank0": ranks[0]["timeline"],
+           "reference_engines": max(r["reference_engines"] for r in ranks),
+           "causal_lms": max(r["causal_lms"] for r in ranks)}
     if "critic_peak" in ranks[0]:
         critic = [r["critic_peak"] for r in ranks]
         out["critic"] = {"params": ranks[0]["critic_params"],
@@ -187,11 +196,14 @@ def run_section(name: str, runs: dict[str, Run], timeout: float) -> dict:
         if nvme and (aio := aio or nvme_problem() or "ok") != "ok":
             results[key] = {"run": asdict(run), "skipped": aio}
             continue
-        if name == "probe" and not wait_for_ram(PROBE_FREE_BYTES):
+        probing = name in ("probe", *lora_memory.SECTIONS)
+        needed = (lora_memory.needed_free_bytes(run) if name in lora_memory.SECTIONS
+                  else PROBE_FREE_BYTES)
+        if probing and not wait_for_ram(needed):
             results[key] = {"run": asdict(run), "skipped": "not enough free RAM to start"}
             break
         results[key] = launch(run, timeout)
-        if name == "probe" and "error" in results[key]:
+        if probing and "error" in results[key]:
             break  # larger sizes would fail too
     return results
 
@@ -234,6 +246,8 @@ def bars(report: dict) -> dict:
            "grpo_at_most_60pct_of_critic": {lean[-1]: critic[lean[-1]] <= 0.6} if lean else None,
            "largest_completed": probe[-1][0] if probe else None,
            "largest_completed_params": probe[-1][1] if probe else None}
+    if any(k in report for k in lora_memory.SECTIONS):
+        out.update(lora_memory.lora_bars(report))
     act = {k: r["steps"][0] for k, r in report.get("activations", {}).items() if "steps" in r}
     if len(act) == 3:  # the same samples: checkpointing and micro-batching change no number
         base = act["micro8"]
@@ -273,7 +287,7 @@ def format_table(report: dict) -> str:
                 row += (f" | {'':13s}{_g(c['planned_peak_bytes_per_rank'])} {_g(cm[0])} "
                         f"{_g(cm[1])} {c['grpo_over_with_critic']:6.2f} {c['seconds_per_step']:6.1f}")
             lines.append(row + f"   loss {r['steps'][0]['loss']:+.6f} grad norm "
-                         f"{r['steps'][0]['grad_norm']:.6f}")
+                         f"{r['steps'][0]['grad_norm']:.6f} ref engines {r['reference_engines']}")
     if "logprobs" in report:
         lp = report["logprobs"]
         title = (f"[logprobs] vocab {lp['vocab']}, bf16: peak extra GiB (and its ratio to "
@@ -302,6 +316,11 @@ def main(argv=None) -> int:
     parser.add_argument("--no-critic", action="store_true", help="skip the with-critic steps")
     parser.add_argument("--probe", default="", help="sizes to probe in order, e.g. 1.1B,2.1B,3.0B")
     parser.add_argument("--probe-preset", default="zero3_nvme")
+    parser.add_argument("--lora-sizes", default="1.1B,2.1B,7B",
+                        help="model sizes of the lora section, in order (7B: Llama-2-7B's shape)")
+    parser.add_argument("--lora-full-sizes", default="1.1B",
+                        help="sizes of the lora section's full fine-tuning baseline ('' for none)")
+    parser.add_argument("--lora-preset", default="zero3_lora_offload")
     parser.add_argument("--nvme-path", default="", help="swap folder (default: a temp dir)")
     parser.add_argument("--malloc", default="default", choices=["default", "mmap"],
                         help="default: the allocator training uses (tcmalloc when installed); "

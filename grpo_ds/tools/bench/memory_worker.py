@@ -47,6 +47,7 @@ SIZES = {  # Llama-style shapes: vocab, hidden, layers, MLP, heads, kv heads
     "2.1B": (32000, 2560, 28, 6912, 20, 4),
     "3.0B": (32000, 2560, 42, 6912, 20, 4),
     "4.0B": (32000, 3072, 40, 8192, 24, 4),
+    "7B": (32000, 4096, 32, 11008, 32, 32),  # Llama-2-7B's shape (6.74B parameters)
 }
 NVME_PLACEHOLDER = "/local_nvme"
 
@@ -73,6 +74,7 @@ class Run:
     zero: dict = field(default_factory=dict)  # overrides of the preset's zero_optimization
     nvme_path: str = ""
     malloc: str = "default"  # glibc: default | mmap (MALLOC_MMAP_THRESHOLD_=65536)
+    lora_rank: int = 0  # model.lora.rank (all-linear); 0 = full fine-tuning
 
 
 def llama_config(size: str):
@@ -106,7 +108,7 @@ def run_config(run: Run, world: int):
         f"--grpo.beta={run.beta}", f"--model.dtype={run.dtype}", f"--rollout.gather={run.gather}",
         f"--model.gradient_checkpointing={run.checkpointing}",
         f"--train.logprob_chunk_size={run.chunk}", f"--deepspeed.config=ds_configs/{run.preset}.json",
-        f"--deepspeed.reference_placement={run.reference}"])
+        f"--deepspeed.reference_placement={run.reference}", f"--model.lora.rank={run.lora_rank}"])
     setup = plan_run(cfg, world, say=lambda _: None)  # train.py's plan and device resolution
     ds = fill_nvme_path(setup.ds, run.nvme_path)
     ds["zero_optimization"].update(run.zero)
@@ -163,9 +165,10 @@ class Peaks:
         return max(self.host.values())
 
 
-def build_engines(run: Run, ds: dict, peaks: Peaks, fused_layers: str) -> dict:
+def build_engines(run: Run, cfg, ds: dict, peaks: Peaks) -> dict:
     """Policy and reference built in zero.Init from the size's config; RSS around the reference.
-    Decoder layers as training has them (model.fused_layers)."""
+    Decoder layers as training has them (model.fused_layers). With LoRA, as train.py: adapters
+    put into the sharded base, and the reference is the policy with its adapters off."""
     import deepspeed
     import torch
     from transformers import LlamaForCausalLM
@@ -173,15 +176,23 @@ def build_engines(run: Run, ds: dict, peaks: Peaks, fused_layers: str) -> dict:
     from grpo_ds.cpu.fused_layers import apply_fused_layers
     from grpo_ds.engine import build_policy, reference_ds_config, reference_engine
 
-    config = llama_config(run.size)
+    config, fused_layers, adapters = llama_config(run.size), cfg.model.fused_layers, None
     with peaks.phase("policy_build"):
         torch.manual_seed(0)
         with deepspeed.zero.Init(config_dict_or_path=ds):
             lm = LlamaForCausalLM(config)
+        if run.lora_rank:
+            from grpo_ds.lora import add_adapters
+
+            adapters = add_adapters(lm, cfg.model.lora, cfg.train.seed)
         apply_fused_layers(lm, fused_layers)
         policy = build_policy(lm, ds, run.chunk, run.checkpointing)
     before, reference = memory_status()["rss"], None
-    if run.reference != "none":
+    if run.beta > 0 and adapters is not None:
+        from grpo_ds.lora import AdapterFreeReference
+
+        reference = AdapterFreeReference(policy, adapters)
+    elif run.reference != "none":
         with peaks.phase("reference_build"):
             ref_ds = reference_ds_config(ds, run.reference)
             torch.manual_seed(0)  # the policy's weights
@@ -263,7 +274,7 @@ def setup(run: Run, peaks: Peaks) -> dict:
     cfg, plan, ds = run_config(run, world)
     ctx = {"cfg": cfg, "plan": plan, "ds": ds, "rank": rank, "world": world,
            "planned": planned(run, cfg, ds, world) if rank == 0 else None}
-    ctx["engines"] = build_engines(run, ds, peaks, cfg.model.fused_layers)
+    ctx["engines"] = build_engines(run, cfg, ds, peaks)
     ctx["tokenizer"] = tokenizer = build_tokenizer(SIZES[run.size][0])  # EOS outside the vocab
     ctx["rollout"] = HybridRollout(ctx["engines"]["policy"].module.lm, tokenizer.pad_token_id,
                                    gather=run.gather, tokenizer=tokenizer)
@@ -272,6 +283,19 @@ def setup(run: Run, peaks: Peaks) -> dict:
                         generator=g).tolist()
     ctx["rows"] = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
     return ctx
+
+
+def live_models() -> dict:
+    """Counted in this process after the steps: DeepSpeed engines besides the policy's (the
+    reference engines the run built) and whole HF causal LMs (policy, reference)."""
+    import gc
+
+    from deepspeed import DeepSpeedEngine
+    from transformers import LlamaForCausalLM
+
+    objects = gc.get_objects()
+    return {"reference_engines": sum(isinstance(o, DeepSpeedEngine) for o in objects) - 1,
+            "causal_lms": sum(isinstance(o, LlamaForCausalLM) for o in objects)}
 
 
 def worker(run: Run, out: str) -> None:
@@ -286,7 +310,7 @@ def worker(run: Run, out: str) -> None:
     ctx = setup(run, peaks)
     say(rank, f"{run.preset}/{run.size}: engines built")
     steps = [grpo_step(ctx, peaks, s) for s in range(1, run.steps + 1)]
-    mine = {"grpo_peak": peaks.overall(), "grpo_phases": dict(peaks.host),
+    mine = {"grpo_peak": peaks.overall(), **live_models(), "grpo_phases": dict(peaks.host),
             "grpo_seconds": dict(peaks.seconds), "reference_rss": ctx["engines"]["reference_rss"],
             "device_phases": dict(peaks.device), "steps": steps, "timeline": peaks.timeline}
     say(rank, f"{run.preset}/{run.size}: GRPO steps done, peak {mine['grpo_peak'] / GIB:.2f} GiB")

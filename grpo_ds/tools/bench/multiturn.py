@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from grpo_ds.build import make_source
     from grpo_ds.config import load_config
     from grpo_ds.model import load_pretrained
-    from grpo_ds.train import make_source
     from grpo_ds.sample import prompt_token_ids, rows_for, sampling_params
 
     cfg = load_config(None, ["--task.name=tool_arithmetic"])
