@@ -246,6 +246,13 @@ class GRPOConfig:
     """mu: optimizer steps per batch of samples (old log-probs are needed when > 1)."""
     filter_tied_groups: bool = False
     """Drop groups whose rewards all tie (DAPO dynamic sampling); their advantage is 0 anyway."""
+    refill_max_rounds: int = 0
+    """DAPO dynamic sampling with refill (needs filter_tied_groups): while a rank has fewer
+    non-tied groups than its prompts_per_step / world share, all ranks sample one more batch of
+    prompts from the data source, at most this many extra rounds a step (every rank runs the
+    same number). Rounds spent, the step trains on the non-tied groups it has, padded with tied
+    (masked) ones, and logs `refill/missing_groups` (verl raises instead). 0 = off: extra
+    rounds multiply the step's generation time, so it is opt-in."""
     std: str = "sample"
     """Std of the advantage normaliser: `sample` (n-1, as TRL/OpenRLHF/verl) or `population`."""
     process_reward: str | None = None
@@ -593,6 +600,7 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
     if cfg.grpo.process_reward and (cfg.grpo.kl_in_reward or cfg.grpo.filter_tied_groups):
         raise ConfigError("grpo.process_reward: cannot be combined with grpo.kl_in_reward or "
                           "grpo.filter_tied_groups (both act on outcome rewards)")
+    _validate_refill(cfg.grpo)
     if cfg.model.onednn_linears == "on" and cfg.model.dtype == "bfloat16":
         raise ConfigError(f"model.onednn_linears='on' needs model.dtype=float32 (got "
                           f"{cfg.model.dtype!r}): torch already runs bf16 matmuls on oneDNN")
@@ -627,6 +635,16 @@ def validate(cfg: Config, world_size: int) -> BatchPlan:
 
     validate_lora(cfg)
     return batch_plan(cfg, world_size)
+
+
+def _validate_refill(g: GRPOConfig) -> None:
+    if g.refill_max_rounds and not g.filter_tied_groups:
+        raise ConfigError(f"grpo.refill_max_rounds={g.refill_max_rounds}: refills the groups "
+                          "grpo.filter_tied_groups drops; set grpo.filter_tied_groups=true")
+    if g.refill_max_rounds and g.kl_in_reward:
+        raise ConfigError(f"grpo.refill_max_rounds={g.refill_max_rounds}: cannot be combined "
+                          "with grpo.kl_in_reward (the KL-penalised rewards the filter sees "
+                          "almost never tie, so refill and filter would disagree on the groups)")
 
 
 def _validate_loss_variant(g: GRPOConfig) -> None:

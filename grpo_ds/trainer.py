@@ -39,6 +39,7 @@ from grpo_ds.failures import (
 )
 from grpo_ds.loss import grpo_loss, merge_loss_metrics
 from grpo_ds.metrics import peak_memory_metrics, synchronized_time
+from grpo_ds.refill import join_round, refill_groups
 from grpo_ds.rewards import call_reward, compute_rewards, load_reward_function, trainer_state
 from grpo_ds.rollout import RolloutBackend, SamplingParams, logprob_gap
 from grpo_ds.rollout.passes import release_cached_memory
@@ -341,16 +342,25 @@ def evaluate_pass_at_k(cfg: Config, rollout: RolloutBackend, tokenizer, rows: li
 
 
 def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: RolloutBackend,
-              tokenizer, rows: list[dict], reward_fns, reward_names, step: int, reward_state=None):
+              tokenizer, rows: list[dict], reward_fns, reward_names, step: int, reward_state=None,
+              refill_rows=None):
     """One GRPO step on this rank's prompt rows: sample and score (reward functions get
-    `reward_state` as TRL's `trainer_state`), reference log-probs, advantages, mu optimizer
-    steps. Returns (batch, rewards [B*G], (prompts, completions),
-    metrics reduced over ranks). Every tensor of the batch is on the policy's device."""
+    `reward_state` as TRL's `trainer_state`; with grpo.refill_max_rounds, `refill_rows(r)` gives
+    the prompts of refill round r), reference log-probs, advantages, mu optimizer steps.
+    Returns (batch, rewards [B*G], (prompts, completions), metrics reduced over ranks).
+    Every tensor of the batch is on the policy's device."""
     rank, device = dist.get_rank(), policy.device
     t0 = synchronized_time()
-    batch, rewards, texts, metrics = generate_and_score(
-        cfg, rollout, tokenizer, rows, reward_fns, reward_names,
-        sample_seed(cfg.train.seed, step, rank), state=reward_state)
+    seed = sample_seed(cfg.train.seed, step, rank)
+    sample = functools.partial(generate_and_score, cfg, rollout, tokenizer, reward_fns=reward_fns,
+                               reward_names=reward_names, state=reward_state)
+    batch, rewards, texts, metrics = sample(rows=rows, seed=seed)
+    if cfg.grpo.refill_max_rounds:  # DAPO dynamic sampling: fresh prompts for tied groups
+        idle = functools.partial(join_round, rollout, sampling_params(cfg, tokenizer),
+                                 tokenizer.eos_token_id)
+        batch, rewards, texts, metrics = refill_groups(
+            cfg, (batch, rewards, texts, metrics), sample, refill_rows, idle, seed,
+            tokenizer.pad_token_id)
     t1 = synchronized_time()
     batch = batch.slice(0, len(batch))  # detach from the rollout's tensors
     release_cached_memory()  # the rollout's KV cache and logits, before the update's shapes
@@ -404,7 +414,9 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
         skipped_before = policy.skipped_steps
         batch, rewards, texts, metrics = grpo_step(
             cfg, plan, policy, reference, rollout, tokenizer, source.step_rows(step), reward_fns,
-            reward_names, step, reward_state=reward_state(step - 1))
+            reward_names, step, reward_state=reward_state(step - 1),
+            refill_rows=functools.partial(source.refill_rows, step)
+            if cfg.grpo.refill_max_rounds else None)
         # One all-reduce per step: a signal may reach only some ranks, yet all stop together.
         stopping, bad = agree(stop.requested, policy.skipped_steps > skipped_before, device)
         metrics["nan_skipped_steps"] = count_bad_step(state, bad, metrics["loss"])
@@ -436,7 +448,8 @@ def run_grpo(cfg: Config, plan: BatchPlan, policy, reference, tokenizer, source,
 
 
 GLOBAL_ALREADY = ("loss", "kl", "clip_ratio", "ratio", "entropy", "advantage", "grad_norm",
-                  "learning_rate", "rollout/logprob_gap", "eval/", "importance_sampling")
+                  "learning_rate", "rollout/logprob_gap", "eval/", "importance_sampling",
+                  "refill/")
 
 
 def reduce_rollout_metrics(metrics: dict, rewards: torch.Tensor, device) -> dict:
