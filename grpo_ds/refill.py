@@ -156,19 +156,26 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
             completion_ids=F.pad(b.completion_ids, (0, right), value=pad_id),
             completion_mask=F.pad(b.completion_mask, (0, right), value=0),
             advantages=b.advantages,
-            sampled_logprobs=F.pad(b.sampled_logprobs, (0, right), value=0.0))
+            sampled_logprobs=None if b.sampled_logprobs is None  # a backend without them
+            else F.pad(b.sampled_logprobs, (0, right), value=0.0))
 
     wide = [widen(b) for b in batches]
-    return RolloutBatch(*(torch.cat([getattr(b, name) for b in wide]) for name in (
+
+    def cat(name: str):
+        parts = [getattr(b, name) for b in wide]
+        return None if parts[0] is None else torch.cat(parts)
+
+    return RolloutBatch(*(cat(name) for name in (
         "input_ids", "attention_mask", "completion_ids", "completion_mask", "advantages",
         "sampled_logprobs")))
 
 
 def take(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
     """The batch's `rows`, with the padding columns no kept row uses trimmed off."""
+    sampled = batch.sampled_logprobs
     kept = RolloutBatch(batch.input_ids[rows], batch.attention_mask[rows],
                         batch.completion_ids[rows], batch.completion_mask[rows],
-                        batch.advantages[rows], batch.sampled_logprobs[rows])
+                        batch.advantages[rows], None if sampled is None else sampled[rows])
     used = kept.attention_mask.sum(0) > 0  # [Tp+Tc]
     prompt_width = kept.input_ids.shape[1] - kept.completion_ids.shape[1]
     first = int(used[:prompt_width].nonzero()[0]) if used[:prompt_width].any() else prompt_width
@@ -178,4 +185,5 @@ def take(batch: RolloutBatch, rows: torch.Tensor) -> RolloutBatch:
         attention_mask=kept.attention_mask[:, first:prompt_width + last],
         completion_ids=kept.completion_ids[:, :last],
         completion_mask=kept.completion_mask[:, :last],
-        advantages=kept.advantages, sampled_logprobs=kept.sampled_logprobs[:, :last])
+        advantages=kept.advantages,
+        sampled_logprobs=None if sampled is None else kept.sampled_logprobs[:, :last])
