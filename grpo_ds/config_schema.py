@@ -233,6 +233,13 @@ class GRPOConfig:
     """mu: optimizer steps per batch of samples (old log-probs are needed when > 1)."""
     filter_tied_groups: bool = False
     """Drop groups whose rewards all tie (DAPO dynamic sampling); their advantage is 0 anyway."""
+    refill_max_rounds: int = 0
+    """DAPO dynamic sampling with refill (needs filter_tied_groups): while a rank has fewer
+    non-tied groups than its prompts_per_step / world share, all ranks sample one more batch of
+    prompts from the data source, at most this many extra rounds a step (every rank runs the
+    same number). Rounds spent, the step trains on the non-tied groups it has, padded with tied
+    (masked) ones, and logs `refill/missing_groups` (verl raises instead). 0 = off: extra
+    rounds multiply the step's generation time, so it is opt-in."""
     std: str = "sample"
     """Std of the advantage normaliser: `sample` (n-1, as TRL/OpenRLHF/verl) or `population`."""
     process_reward: str | None = None

@@ -157,6 +157,7 @@ def _check_grpo(cfg: Config) -> None:
     if g.epsilon_low < 0 or (g.epsilon_high or 0) < 0:
         raise ConfigError("grpo.epsilon_low / grpo.epsilon_high: must be >= 0")
     _validate_loss_variant(g)
+    _validate_refill(g)
     if g.beta > 0 and cfg.deepspeed.reference_placement == "none":
         raise ConfigError(
             f"deepspeed.reference_placement='none' needs grpo.beta=0 (got {g.beta}): "
@@ -193,6 +194,16 @@ def _check_inputs(cfg: Config) -> None:
                           "model dir)")
     if cfg.task.name == "dataset" and cfg.model.path is None:
         raise ConfigError("model.path: required when task.name='dataset' (a local HF model dir)")
+
+
+def _validate_refill(g: GRPOConfig) -> None:
+    if g.refill_max_rounds and not g.filter_tied_groups:
+        raise ConfigError(f"grpo.refill_max_rounds={g.refill_max_rounds}: refills the groups "
+                          "grpo.filter_tied_groups drops; set grpo.filter_tied_groups=true")
+    if g.refill_max_rounds and g.kl_in_reward:
+        raise ConfigError(f"grpo.refill_max_rounds={g.refill_max_rounds}: cannot be combined "
+                          "with grpo.kl_in_reward (the KL-penalised rewards the filter sees "
+                          "almost never tie, so refill and filter would disagree on the groups)")
 
 
 def _validate_loss_variant(g: GRPOConfig) -> None:

@@ -78,6 +78,11 @@ class DatasetSource:
         """This rank's prompts for the next step (the sampler keeps the position)."""
         return [self.train_rows[i] for i in self.sampler.next_batch()]
 
+    def refill_rows(self, step: int, round_number: int) -> list[dict]:
+        """This rank's prompts for refill round `round_number` of `step` (grpo.refill_max_rounds):
+        the sampler's next batch, so the position the checkpoint saves includes the draw."""
+        return self.step_rows(step)
+
     def epoch(self) -> float:
         """Epochs of prompts handed out so far (TrainerState.epoch for reward functions)."""
         return self.sampler.epoch + self.sampler.index / self.sampler.num_prompts

@@ -15,6 +15,7 @@ first optimizer step, so it is pi_old exactly and costs no extra forward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,10 +43,11 @@ from grpo_ds.failures import (
 )
 from grpo_ds.metrics import peak_memory_metrics, synchronized_time
 from grpo_ds.reduce import Metric, global_sum, reduce_metrics, tagged
+from grpo_ds.refill import join_round, refill_groups
 from grpo_ds.rewards import trainer_state
 from grpo_ds.rollout import RolloutBackend, logprob_gap
 from grpo_ds.rollout.passes import release_cached_memory
-from grpo_ds.sample import generate_and_score, sample_seed
+from grpo_ds.sample import generate_and_score, sample_seed, sampling_params
 from grpo_ds.update import forward_logprobs, update
 
 
@@ -94,13 +96,21 @@ class StepResult:
 
 def grpo_step(cfg: Config, plan: BatchPlan, policy, reference, rollout: RolloutBackend,
               tokenizer, rows: list[dict], reward_fns, reward_names, step: int,
-              reward_state=None) -> StepResult:
+              reward_state=None, refill_rows=None) -> StepResult:
     """One GRPO step on this rank's prompt rows; reward functions get `reward_state` as TRL's
-    `trainer_state`. Every tensor of the result's batch is on the policy's device."""
+    `trainer_state`; with grpo.refill_max_rounds, `refill_rows(r)` gives the prompts of refill
+    round r. Every tensor of the result's batch is on the policy's device."""
     rank, device = dist.get_rank(), policy.device
     t0 = synchronized_time()
-    sampled = generate_and_score(cfg, rollout, tokenizer, rows, reward_fns, reward_names,
-                                 sample_seed(cfg.train.seed, step, rank), state=reward_state)
+    seed = sample_seed(cfg.train.seed, step, rank)
+    sample = functools.partial(generate_and_score, cfg, rollout, tokenizer, reward_fns=reward_fns,
+                               reward_names=reward_names, state=reward_state)
+    sampled = sample(rows=rows, seed=seed)
+    if cfg.grpo.refill_max_rounds:  # DAPO dynamic sampling: fresh prompts for tied groups
+        idle = functools.partial(join_round, rollout, sampling_params(cfg, tokenizer),
+                                 tokenizer.eos_token_id)
+        sampled = refill_groups(cfg, sampled, sample, refill_rows, idle, seed,
+                                tokenizer.pad_token_id)
     t1 = synchronized_time()
     batch = sampled.batch.slice(0, len(sampled.batch))  # detach from the rollout's tensors
     release_cached_memory()  # the rollout's KV cache and logits, before the update's shapes
@@ -169,7 +179,9 @@ def run_grpo(run: Run, logger, state: RunState, checkpointer: Checkpointer) -> d
         skipped_before = policy.skipped_steps
         result = grpo_step(cfg, plan, policy, reference, rollout, tokenizer,
                            source.step_rows(step), reward_fns, run.inputs.reward_names, step,
-                           reward_state=evaluation.reward_state(step - 1))
+                           reward_state=evaluation.reward_state(step - 1),
+                           refill_rows=functools.partial(source.refill_rows, step)
+                           if cfg.grpo.refill_max_rounds else None)
         # One all-reduce per step: a signal may reach only some ranks, yet all stop together.
         stopping, bad = agree(stop.requested, policy.skipped_steps > skipped_before,
                               policy.device)

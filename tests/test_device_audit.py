@@ -121,6 +121,7 @@ PATHS = {
     "kl_in_reward": ["--grpo.kl_in_reward=true", "--grpo.kl_estimator=k1"],
     "process_supervision": ["--grpo.process_reward=tests.test_device_audit:process_steps"],
     "filter_tied_groups": ["--grpo.filter_tied_groups=true"],
+    "refill": ["--grpo.filter_tied_groups=true", "--grpo.refill_max_rounds=2"],
     "mu_2": ["--grpo.num_iterations=2"],
     "beta_0": ["--grpo.beta=0.0"],
     "scale_batch": ["--grpo.scale_rewards=batch"],
@@ -155,7 +156,7 @@ def test_a_grpo_step_keeps_every_tensor_on_the_engine_device(path, process_group
             reference = DeviceEngine(frozen, lr=0.0)
         rollout = HybridRollout(policy.module.lm, pad_token_id=tokenizer.pad_token_id,
                                 packed_weights="off", tokenizer=tokenizer)
-        reward_fns = [tying_reward if path == "filter_tied_groups" else spread_reward]
+        reward_fns = [tying_reward if "tied" in path or path == "refill" else spread_reward]
         if path == "reward_model":
             judge = RewardModel.__new__(RewardModel)  # its __call__, on a device-placed model
             judge.tokenizer, judge.micro_batch_size = tokenizer, 3
@@ -165,7 +166,8 @@ def test_a_grpo_step_keeps_every_tensor_on_the_engine_device(path, process_group
         for step in (1, 2):
             result = grpo_step(
                 cfg, plan, policy, reference, rollout, tokenizer, PROMPTS, reward_fns,
-                [f"r{i}" for i in range(len(reward_fns))], step)
+                [f"r{i}" for i in range(len(reward_fns))], step,
+                refill_rows=(lambda r: PROMPTS) if path == "refill" else None)
         batch, rewards, metrics = result.batch, result.rewards, result.metrics
         after = policy.module.lm.lm_head.weight.detach().cpu()
 
@@ -179,6 +181,10 @@ def test_a_grpo_step_keeps_every_tensor_on_the_engine_device(path, process_group
     if path == "filter_tied_groups":
         assert metrics["filtered_groups_fraction"] == 0.5
         assert batch.completion_mask.cpu()[:4].sum() == 0
+    if path == "refill":  # round 1's second group replaced round 0's tied first group
+        assert metrics["refill/rounds"] == 1.0 and metrics["refill/missing_groups"] == 0.0
+        assert metrics["filtered_groups_fraction"] == 0.0
+        assert batch.completion_mask.cpu().sum(1).min() > 0
     if path == "process_supervision":
         assert batch.advantages.shape == batch.completion_mask.shape
     if path == "mu_2":

@@ -119,6 +119,13 @@ class ArithmeticSource:
         problems = [self.task.sample(rng) for _ in range(self.prompts_per_step)]
         return self._rows(self._slice(problems))
 
+    def refill_rows(self, step: int, round_number: int) -> list[dict]:
+        """This rank's prompts for refill round `round_number` of `step` (grpo.refill_max_rounds):
+        fresh problems, a pure function of (seed, step, round) like the step's own."""
+        rng = random.Random(f"{self.seed}-grpo-{step}-refill-{round_number}")
+        problems = [self.task.sample(rng) for _ in range(self.prompts_per_step)]
+        return self._rows(self._slice(problems))
+
     def eval_rows(self) -> list[dict]:
         """This rank's share of the held-out set (ranks together cover all of it)."""
         return self._rows(self.task.eval_problems[self.rank::self.world])

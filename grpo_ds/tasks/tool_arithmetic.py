@@ -135,6 +135,9 @@ class ToolArithmeticSource:
     def step_rows(self, step: int) -> list[dict]:
         return self._slicer.step_rows(step)
 
+    def refill_rows(self, step: int, round_number: int) -> list[dict]:
+        return self._slicer.refill_rows(step, round_number)
+
     def eval_rows(self) -> list[dict]:
         return self._slicer.eval_rows()
 
