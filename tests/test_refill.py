@@ -5,7 +5,6 @@ The 2-rank ZeRO-3 lockstep is tests/test_multirank_refill.py."""
 
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -85,27 +84,6 @@ def test_rounds_of_different_widths_join_with_completions_at_one_column():
                  "sampled_logprobs"):
         assert torch.equal(getattr(kept, name), getattr(wide_prompt, name)), name
     assert take(joined, torch.tensor([2])).input_ids.tolist() == [[12, 13, 14, 15, 16]]
-
-
-@pytest.fixture(scope="module")
-def process_group(tmp_path_factory):
-    """One gloo rank in this process: refill's all-reduces need a group."""
-    import deepspeed
-
-    store = tmp_path_factory.mktemp("store") / "rendezvous"
-    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-    before = {name: os.environ.get(name) for name in names}
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0,
-                                         world_size=1)
-    deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    torch.distributed.destroy_process_group()
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 class ScriptedRounds:
