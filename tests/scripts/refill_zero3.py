@@ -15,11 +15,10 @@ from pathlib import Path
 
 import deepspeed.comm as dist
 
-from grpo_ds.config import deepspeed_config, load_config, validate
-from grpo_ds.device import resolve_config
-from grpo_ds.engine import build_policy, finish_rank, init_distributed, load_sharded
+from grpo_ds.build import build_run
+from grpo_ds.config import load_config
+from grpo_ds.engine import finish_rank, init_distributed
 from grpo_ds.model import build_tiny_llama
-from grpo_ds.rollout.select import build_rollout
 from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
 from grpo_ds.trainer import grpo_step
 
@@ -59,8 +58,6 @@ def main() -> None:
                              "--train.micro_batch_size=4", "--grpo.beta=0.0",
                              "--rollout.max_new_tokens=6", "--grpo.filter_tied_groups=true",
                              "--grpo.refill_max_rounds=3", "--train.lr=0.01"])
-    cfg, _ = resolve_config(cfg)
-    plan = validate(cfg, world)
     tokenizer = build_tokenizer()
     model_dir = out_dir / "init_model"
     if rank == 0:
@@ -69,12 +66,13 @@ def main() -> None:
         lm.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
     dist.barrier()
-    ds = deepspeed_config(cfg, plan)
-    lm, tokenizer = load_sharded(str(model_dir), ds, "float32")
-    policy = build_policy(lm, ds, 64, gradient_checkpointing=False)
-    rollout = CountingRollout(build_rollout(cfg, policy, tokenizer))
     source = ArithmeticSource(ArithmeticTask(digits=2, eval_size=8), cfg.train.prompts_per_step,
                               rank, world, seed=0)
+    # the builder `grpo-ds train` uses: plan, device, engines, rollout
+    run = build_run(cfg, rank, world, str(model_dir), source=source, reward_fns=[scripted],
+                    say=lambda _: None)
+    cfg, plan, policy = run.setup.cfg, run.setup.plan, run.engines.policy
+    tokenizer, rollout = run.engines.tokenizer, CountingRollout(run.engines.rollout)
     steps = []
     for step in (1, 2):
         before = rollout.calls
