@@ -59,6 +59,69 @@ def draw_line(ax, steps, values, label=None, color=None):
 TOOL_RATE = "tools/episodes_with_call"  # multi-turn runs: share of episodes with a tool call
 
 
+def draw_reward(ax, series):
+    steps, reward = points(series, "reward")
+    _, reward_std = points(series, "reward_std")
+    if reward_std:
+        ax.fill_between(steps, [m - s for m, s in zip(reward, reward_std)],
+                        [m + s for m, s in zip(reward, reward_std)],
+                        color="tab:blue", alpha=0.15, label="+-1 std")
+    draw_line(ax, steps, reward, "reward", "tab:blue")
+    ax.set_title("reward")
+
+
+def draw_kl(ax, series):
+    draw_line(ax, *points(series, "kl"), "kl", "tab:red")
+    ax.set_title("KL(policy || reference), per token")
+
+
+def draw_length(ax, series):
+    steps, length = points(series, "completions/mean_length")
+    _, low = points(series, "completions/min_length")
+    _, high = points(series, "completions/max_length")
+    if low and high:
+        ax.fill_between(steps, low, high, color="tab:green", alpha=0.15, label="min..max")
+    draw_line(ax, steps, length, "mean", "tab:green")
+    ax.set_title("completion length (tokens)")
+
+
+def draw_warmup(ax, curve: list[dict]):
+    if curve:
+        ax.plot([p["step"] for p in curve], [p["accuracy"] for p in curve],
+                color="tab:gray", marker="o", markersize=3)
+        ax.set_xlabel("supervised warm-up step")
+    else:
+        ax.text(0.5, 0.5, "no warm-up in this run", ha="center", va="center",
+                transform=ax.transAxes, color="gray")
+    ax.set_title("warm-up: held-out greedy accuracy")
+
+
+def draw_eval(ax, series, curve: list[dict]):
+    steps, accuracy = points(series, "eval/accuracy")
+    ax.plot(steps, accuracy, color="tab:purple", marker="o", markersize=4,
+            label="held-out greedy accuracy")
+    if curve:
+        ax.axhline(curve[-1]["accuracy"], color="tab:gray", linestyle="--",
+                   label="end of warm-up")
+    ax.set_title("GRPO: held-out greedy accuracy")
+    if series.get(TOOL_RATE):  # a multi-turn run: how often the sampled episodes call a tool
+        draw_line(ax, *points(series, TOOL_RATE), "sampled episodes calling a tool", "tab:orange")
+        ax.set_title("GRPO: held-out accuracy and tool-call rate")
+
+
+def draw_time(ax, series):
+    """Seconds per step, stacked by phase (a phase missing at some step is left out)."""
+    steps, _ = points(series, "time/step")
+    bottom = [0.0] * len(steps)
+    for tag, label in [("time/generation", "generation"), ("time/reference", "reference"),
+                       ("time/update", "update")]:
+        _, seconds = points(series, tag)
+        if len(seconds) == len(steps):
+            ax.bar(steps, seconds, bottom=bottom, label=label, width=1.0)
+            bottom = [b + s for b, s in zip(bottom, seconds)]
+    ax.set_title("seconds per step")
+
+
 def draw(series: dict, summary: dict | None, run_name: str):
     import matplotlib
 
@@ -73,62 +136,15 @@ def draw(series: dict, summary: dict | None, run_name: str):
                   f"{summary['accuracy_after']:.3f} in {summary.get('steps', '?')} GRPO steps)")
     fig.suptitle(title, fontsize=14)
     (reward_ax, kl_ax, length_ax), (warm_ax, eval_ax, time_ax) = axes
-
-    steps, reward = points(series, "reward")
-    _, reward_std = points(series, "reward_std")
-    if reward_std:
-        reward_ax.fill_between(steps, [m - s for m, s in zip(reward, reward_std)],
-                               [m + s for m, s in zip(reward, reward_std)],
-                               color="tab:blue", alpha=0.15, label="+-1 std")
-    draw_line(reward_ax, steps, reward, "reward", "tab:blue")
-    reward_ax.set_title("reward")
-
-    draw_line(kl_ax, *points(series, "kl"), "kl", "tab:red")
-    kl_ax.set_title("KL(policy || reference), per token")
-
-    steps, length = points(series, "completions/mean_length")
-    _, low = points(series, "completions/min_length")
-    _, high = points(series, "completions/max_length")
-    if low and high:
-        length_ax.fill_between(steps, low, high, color="tab:green", alpha=0.15, label="min..max")
-    draw_line(length_ax, steps, length, "mean", "tab:green")
-    length_ax.set_title("completion length (tokens)")
-
     curve = (summary or {}).get("warmup_curve") or []
-    if curve:
-        warm_ax.plot([p["step"] for p in curve], [p["accuracy"] for p in curve],
-                     color="tab:gray", marker="o", markersize=3)
-        warm_ax.set_xlabel("supervised warm-up step")
-    else:
-        warm_ax.text(0.5, 0.5, "no warm-up in this run", ha="center", va="center",
-                     transform=warm_ax.transAxes, color="gray")
-    warm_ax.set_title("warm-up: held-out greedy accuracy")
-
-    steps, accuracy = points(series, "eval/accuracy")
-    eval_ax.plot(steps, accuracy, color="tab:purple", marker="o", markersize=4,
-                 label="held-out greedy accuracy")
-    if curve:
-        eval_ax.axhline(curve[-1]["accuracy"], color="tab:gray", linestyle="--",
-                        label="end of warm-up")
-    eval_ax.set_title("GRPO: held-out greedy accuracy")
-    if series.get(TOOL_RATE):  # a multi-turn run: how often the sampled episodes call a tool
-        draw_line(eval_ax, *points(series, TOOL_RATE), "sampled episodes calling a tool",
-                  "tab:orange")
-        eval_ax.set_title("GRPO: held-out accuracy and tool-call rate")
+    draw_reward(reward_ax, series)
+    draw_kl(kl_ax, series)
+    draw_length(length_ax, series)
+    draw_warmup(warm_ax, curve)
+    draw_eval(eval_ax, series, curve)
+    draw_time(time_ax, series)
     for ax in (warm_ax, eval_ax):  # one scale, so the two phases compare at a glance
         ax.set_ylim(-0.02, 1.02)
-
-    phases = [("time/generation", "generation"), ("time/reference", "reference"),
-              ("time/update", "update")]
-    steps, _ = points(series, "time/step")
-    bottom = [0.0] * len(steps)
-    for tag, label in phases:
-        _, seconds = points(series, tag)
-        if len(seconds) == len(steps):
-            time_ax.bar(steps, seconds, bottom=bottom, label=label, width=1.0)
-            bottom = [b + s for b, s in zip(bottom, seconds)]
-    time_ax.set_title("seconds per step")
-
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax is not warm_ax:
