@@ -60,6 +60,14 @@ class _Batch:
         self.cache = cache
         self.alive = torch.ones_like(rows, dtype=torch.bool)  # only False when not compacting
 
+    @classmethod
+    def start(cls, row_mask: torch.Tensor, max_new: int, cache) -> _Batch:
+        """Every row [N*G] alive; `row_mask [N*G, Tp]` is each row's prompt mask."""
+        attn = row_mask.new_zeros((row_mask.shape[0], row_mask.shape[1] + max_new))
+        attn[:, : row_mask.shape[1]] = row_mask
+        rows = torch.arange(row_mask.shape[0], device=row_mask.device)
+        return cls(rows, attn, row_mask.sum(-1), cache)
+
     def keep(self, keep: torch.Tensor, on_retire=None, filled: int = 0) -> None:
         """Keep rows where `keep`; `on_retire(batch_index, rows, attn)` first sees the others
         (their cache columns and mask up to `filled`)."""
@@ -70,6 +78,23 @@ class _Batch:
         self.rows, self.attn = self.rows[idx], self.attn[idx]
         self.next_pos, self.alive = self.next_pos[idx], self.alive[idx]
         self.cache.batch_select_indices(idx)
+
+
+@dataclass
+class _Written:
+    """What the loop writes, indexed by original row (0 .. N*G-1)."""
+
+    tokens: torch.Tensor  # [N*G, max_new_tokens] int64, pad where nothing was sampled
+    logprobs: torch.Tensor  # [N*G, max_new_tokens] float32
+    lengths: torch.Tensor  # [N*G] int64
+    stopped: torch.Tensor  # [N*G] bool
+
+    @classmethod
+    def empty(cls, rows: int, max_new: int, pad_token_id: int, device) -> _Written:
+        return cls(torch.full((rows, max_new), pad_token_id, dtype=torch.long, device=device),
+                   torch.zeros((rows, max_new), dtype=torch.float32, device=device),
+                   torch.zeros(rows, dtype=torch.long, device=device),
+                   torch.zeros(rows, dtype=torch.bool, device=device))
 
 
 def decode(
@@ -102,35 +127,22 @@ def decode(
         assert group_size == 1, "an extended cache holds one row per episode"
         prompt_mask = torch.cat([past_mask, prompt_mask], 1)
     past_len = 0 if past_mask is None else past_mask.shape[1]
-    num_prompts, prompt_len = prompt_ids.shape[0], prompt_mask.shape[1]  # prompt_len: with past
-    device, rows_total, max_new = prompt_ids.device, num_prompts * group_size, params.max_new_tokens
-    out_tokens = torch.full((rows_total, max_new), pad_token_id, dtype=torch.long, device=device)
-    out_logprobs = torch.zeros((rows_total, max_new), dtype=torch.float32, device=device)
-    lengths = torch.zeros(rows_total, dtype=torch.long, device=device)
-    stopped = torch.zeros(rows_total, dtype=torch.bool, device=device)
+    prompt_len, max_new = prompt_mask.shape[1], params.max_new_tokens  # prompt_len: with past
+    rows_total = prompt_ids.shape[0] * group_size
+    out = _Written.empty(rows_total, max_new, pad_token_id, prompt_ids.device)
 
-    start, forwards, logits = time.perf_counter(), 1, None
-    if num_prompts > 0:
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
-        logits = forward(prompt_ids, prompt_mask, positions, cache).repeat_interleave(group_size, 0)
-        cache.batch_repeat_interleave(group_size)  # share each prompt's KV rows with its G samples
-    elif any_rank is not None:
-        forward.idle()
-    prefill_seconds = time.perf_counter() - start
-    seen = None
+    start = time.perf_counter()
+    logits = _prefill(forward, cache, prompt_ids, prompt_mask, past_len, group_size,
+                      lockstep=any_rank is not None)
+    prefill_seconds, forwards = time.perf_counter() - start, 1
+    seen = None  # the repetition penalty's [N*G, V] table, only when the penalty is on
     if params.repetition_penalty != 1.0 and logits is not None:
-        seen_ids, seen_mask = history or (prompt_ids, prompt_mask)
-        seen = _prompt_tokens_seen(seen_ids, seen_mask, logits.shape[-1], group_size)
-
-    attn = torch.zeros((rows_total, prompt_len + max_new), dtype=prompt_mask.dtype, device=device)
-    attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, 0)
-    batch = _Batch(torch.arange(rows_total, device=device), attn,
-                   prompt_mask.sum(-1).repeat_interleave(group_size, 0), cache)
-    step = 0
+        seen = _prompt_tokens_seen(*(history or (prompt_ids, prompt_mask)), logits.shape[-1],
+                                   group_size)
+    batch, step = _Batch.start(prompt_mask.repeat_interleave(group_size, 0), max_new, cache), 0
     while True:
         if batch.alive.any() and step < max_new:
-            tokens = _sample_step(logits, batch, step, params, uniforms, stops, seen,
-                                  out_tokens, out_logprobs, lengths, stopped)
+            tokens = _sample_step(logits, batch, step, params, uniforms, stops, seen, out)
             if compact and not batch.alive.all():
                 tokens = tokens[batch.alive]
                 batch.keep(batch.alive, on_retire, prompt_len + step)
@@ -146,7 +158,22 @@ def decode(
         else:
             forward.idle()
         step += 1
-    return DecodeResult(out_tokens, out_logprobs, lengths, stopped, forwards, prefill_seconds)
+    return DecodeResult(out.tokens, out.logprobs, out.lengths, out.stopped, forwards,
+                        prefill_seconds)
+
+
+def _prefill(forward, cache, prompt_ids, prompt_mask, past_len: int, group_size: int,
+             lockstep: bool) -> torch.Tensor | None:
+    """Logits [N*G, V] at each prompt's last position, one forward per prompt shared by its G
+    rows (the cache's rows are repeated to match); None when this rank has no prompts."""
+    if prompt_ids.shape[0] == 0:
+        if lockstep:  # the other ranks' prefill gathers need this rank too
+            forward.idle()
+        return None
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+    logits = forward(prompt_ids, prompt_mask, positions, cache).repeat_interleave(group_size, 0)
+    cache.batch_repeat_interleave(group_size)
+    return logits
 
 
 def _prompt_tokens_seen(prompt_ids, prompt_mask, vocab: int, group_size: int) -> torch.Tensor:
@@ -157,8 +184,8 @@ def _prompt_tokens_seen(prompt_ids, prompt_mask, vocab: int, group_size: int) ->
     return seen.repeat_interleave(group_size, 0)
 
 
-def _sample_step(logits, batch: _Batch, step, params, uniforms, stops, seen, out_tokens,
-                 out_logprobs, lengths, stopped) -> torch.Tensor:
+def _sample_step(logits, batch: _Batch, step, params, uniforms, stops, seen,
+                 out: _Written) -> torch.Tensor:
     """Sample token `step` for every batch row, record it for live rows, retire finished rows."""
     u = uniforms[batch.rows, step] if uniforms is not None else None
     banned = stops.stop_ids if step < params.min_new_tokens else None
@@ -167,17 +194,17 @@ def _sample_step(logits, batch: _Batch, step, params, uniforms, stops, seen, out
         seen=None if seen is None else seen[batch.rows],
         repetition_penalty=params.repetition_penalty)
     live_rows = batch.rows[batch.alive]
-    out_tokens[live_rows, step] = tokens[batch.alive]
-    out_logprobs[live_rows, step] = logprobs[batch.alive]
-    lengths[live_rows] = step + 1
+    out.tokens[live_rows, step] = tokens[batch.alive]
+    out.logprobs[live_rows, step] = logprobs[batch.alive]
+    out.lengths[live_rows] = step + 1
     if seen is not None:
         seen[live_rows, tokens[batch.alive]] = True
     if step + 1 >= params.min_new_tokens:
-        history = out_tokens[batch.rows] if stops.stop_strings else None
+        history = out.tokens[batch.rows] if stops.stop_strings else None
         done = stops(tokens, history, step) & batch.alive
     else:  # too short to stop (HF / vLLM): stop tokens were not drawn, strings are not checked
         done = torch.zeros_like(batch.alive)
-    stopped[batch.rows[done]] = True
+    out.stopped[batch.rows[done]] = True
     if step + 1 >= params.max_new_tokens:
         done = batch.alive.clone()
     batch.alive &= ~done
