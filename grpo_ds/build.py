@@ -3,13 +3,15 @@ the rollout that `grpo-ds train` uses.
 
 train.py, the warm-up and the benchmarks all build through here, so a benchmark times exactly
 the program `grpo-ds train` runs (same classes, same rollout settings, same DeepSpeed config).
-A benchmark may bring its own prompts and reward (`source`, `reward_fns`): those are its
-workload, not its wiring.
+A benchmark may bring its own prompts and reward (`source`, `reward_fns`) and its own model
+(`LoadModel`: the memory benchmark builds random weights under `zero.Init` from a shape, as
+there is no 7B directory to load): those are its workload, not its wiring.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,10 @@ from grpo_ds.rewards import load_reward_function
 from grpo_ds.rollout.select import build_rollout
 
 Say = Callable[[str], None]
+# A ZeRO-3 DeepSpeed config -> (HF causal LM, partitioned as it is made; its tokenizer).
+LoadModel = Callable[[dict], tuple]
+# A phase's name ("policy_build", "reference_build") -> a context around it (a bench's meter).
+Phase = Callable[[str], AbstractContextManager]
 
 
 @dataclass
@@ -117,31 +123,40 @@ def load_rewards(cfg: Config, policy_ds: dict) -> list:
             for spec in cfg.rewards.functions]
 
 
-def build_engines(setup: RunPlan, model_path: str, ds: dict | None = None,
-                  say: Say = print) -> Engines:
-    """Policy (from `model_path`, sharded at load, with LoRA adapters when model.lora is on),
-    reference (when beta > 0: the same start model, or with LoRA the policy with its adapters
-    off) and the configured rollout. `ds`: the policy's DeepSpeed config when it differs from
-    the plan's (a resumed run's)."""
-    cfg, ds = setup.cfg, ds or setup.ds
-    lm, tokenizer = load_sharded(model_path, ds, cfg.model.dtype, cfg.model.attn_implementation)
-    adapters = None
-    if lora_enabled(cfg):
-        from grpo_ds.lora import add_adapters
+def from_directory(path: str, cfg: Config) -> LoadModel:
+    """The model directory at `path`, partitioned at load under the config it is given."""
+    return lambda ds: load_sharded(path, ds, cfg.model.dtype, cfg.model.attn_implementation)
 
-        adapters = add_adapters(lm, cfg.model.lora, cfg.train.seed)
-    for line in setup.device.prepare_model(lm):
-        say(line)
-    policy = build_policy(lm, ds, cfg.train.logprob_chunk_size, cfg.model.gradient_checkpointing)
+
+def build_engines(setup: RunPlan, model: str | LoadModel, ds: dict | None = None,
+                  say: Say = print, phase: Phase = nullcontext) -> Engines:
+    """Policy (from `model`, a directory or a LoadModel, sharded as it is made, with LoRA
+    adapters when model.lora is on), reference (when beta > 0: the same start model, or with
+    LoRA the policy with its adapters off) and the configured rollout. `ds`: the policy's
+    DeepSpeed config when it differs from the plan's (a resumed run's)."""
+    cfg, ds = setup.cfg, ds or setup.ds
+    load = from_directory(model, cfg) if isinstance(model, str) else model
+    adapters = None
+    with phase("policy_build"):
+        lm, tokenizer = load(ds)
+        if lora_enabled(cfg):
+            from grpo_ds.lora import add_adapters
+
+            adapters = add_adapters(lm, cfg.model.lora, cfg.train.seed)
+        for line in setup.device.prepare_model(lm):
+            say(line)
+        policy = build_policy(lm, ds, cfg.train.logprob_chunk_size,
+                              cfg.model.gradient_checkpointing)
     reference = None
     if cfg.grpo.beta > 0 and adapters is not None:  # the base, adapters off: no second model
         from grpo_ds.lora import AdapterFreeReference
 
         reference = AdapterFreeReference(policy, adapters)
     elif cfg.grpo.beta > 0:
-        reference = build_reference(model_path, ds, cfg.deepspeed.reference_placement,
-                                    cfg.model.dtype, cfg.train.logprob_chunk_size,
-                                    setup.device.prepare_model, cfg.model.attn_implementation)
+        with phase("reference_build"):
+            reference = build_reference(lambda ref_ds: load(ref_ds)[0], ds,
+                                        cfg.deepspeed.reference_placement,
+                                        cfg.train.logprob_chunk_size, setup.device.prepare_model)
     return Engines(policy, reference, build_rollout(cfg, policy, tokenizer), tokenizer,
                    adapters)
 

@@ -132,21 +132,20 @@ def reference_ds_config(policy_ds: dict, placement: str) -> dict:
 PrepareModel = Callable[[torch.nn.Module], object]  # Device.prepare_model: CPU kernels or nothing
 
 
-def build_reference(path: str, policy_ds: dict, placement: str, dtype: str, chunk_size: int,
-                    prepare_model: PrepareModel | None = None, attn_implementation: str = "sdpa"):
-    """The frozen reference: a separate engine, never stepped; None when placement is 'none'."""
+def build_reference(load_lm: Callable[[dict], torch.nn.Module], policy_ds: dict, placement: str,
+                    chunk_size: int, prepare_model: PrepareModel | None = None):
+    """The frozen reference: a separate engine, never stepped; None when placement is 'none'.
+    `load_lm(ds_config)` makes the start model partitioned under the reference's config."""
     if placement == "none":
         return None
     ds_config = reference_ds_config(policy_ds, placement)
-    lm, _ = load_sharded(path, ds_config, dtype, attn_implementation)
-    return reference_engine(lm, ds_config, chunk_size, prepare_model)
+    return reference_engine(load_lm(ds_config), ds_config, chunk_size, prepare_model)
 
 
 def reference_engine(lm: torch.nn.Module, ds_config: dict, chunk_size: int,
                      prepare_model: PrepareModel | None = None):
-    """Freeze `lm` (built or loaded under `ds_config`, a reference_ds_config) and wrap it as the
-    reference engine. The memory benchmark builds `lm` in zero.Init directly, without a file.
-    `prepare_model(lm)` gives it the policy's kernels (the device layer's hook)."""
+    """Freeze `lm` (made under `ds_config`, a reference_ds_config) and wrap it as the reference
+    engine. `prepare_model(lm)` gives it the policy's kernels (the device layer's hook)."""
     lm.requires_grad_(False)
     if prepare_model is not None:
         prepare_model(lm)

@@ -49,7 +49,8 @@ def rank_main(out_dir: Path) -> None:
     report = {}
     for placement in ("cpu_offload", "sharded", "none"):
         before = memory_status()["rss"]
-        reference = build_reference(str(model_dir), ds, placement, "float32", chunk_size=8)
+        reference = build_reference(lambda d: load_sharded(str(model_dir), d, "float32")[0], ds,
+                                    placement, chunk_size=8)
         if reference is None:
             report[placement] = None
             continue

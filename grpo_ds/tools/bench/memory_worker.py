@@ -2,10 +2,10 @@
 
     deepspeed --num_gpus 2 --module grpo_ds.tools.bench.memory_worker --worker --out F --run '{json Run}'
 
-A rank builds the policy and the frozen reference inside `zero.Init` (random init, seed 0, so no
-rank ever holds a whole model), then runs real GRPO steps with the trainer's own functions:
-`generate_and_score` (HybridRollout), `forward_logprobs` on the reference, `score_advantages`,
-`update`. With `critic`, a value model of the policy's shape (grpo_ds/tools/critic.py: body + scalar
+A rank builds its engines with build.build_engines, as `grpo-ds train` does, from a model made
+inside `zero.Init` (random init, seed 0, so no rank ever holds a whole model), then runs real GRPO
+steps with the trainer's own functions: `generate_and_score` (the configured rollout),
+`forward_logprobs` on the reference, `score_advantages`, `update`. With `critic`, a value model of the policy's shape (grpo_ds/tools/critic.py: body + scalar
 head, its own AdamW, the same ZeRO config) is built next and the same steps run again with the
 critic's forward before the update and its forward+backward+step after it: the PPO-style step
 that GRPO avoids. Rank 0 writes every rank's peaks, phases and losses to F.
@@ -22,8 +22,10 @@ grpo_ds.logprobs chunks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -97,7 +99,7 @@ def fill_nvme_path(ds: dict, path: str) -> dict:
 
 
 def run_config(run: Run, world: int):
-    """(cfg, batch plan, filled DeepSpeed config) of a run, as grpo-ds train would make them."""
+    """build.RunPlan of a run as grpo-ds train would make it, its DeepSpeed config filled."""
     from grpo_ds.build import plan_run
     from grpo_ds.config import load_config
 
@@ -112,7 +114,7 @@ def run_config(run: Run, world: int):
     setup = plan_run(cfg, world, say=lambda _: None)  # train.py's plan and device resolution
     ds = fill_nvme_path(setup.ds, run.nvme_path)
     ds["zero_optimization"].update(run.zero)
-    return setup.cfg, setup.plan, ds
+    return dataclasses.replace(setup, ds=ds)
 
 
 def planned(run: Run, cfg, ds: dict, world: int) -> dict:
@@ -165,43 +167,23 @@ class Peaks:
         return max(self.host.values())
 
 
-def build_engines(run: Run, cfg, ds: dict, peaks: Peaks) -> dict:
-    """Policy and reference built in zero.Init from the size's config; RSS around the reference.
-    Decoder layers as training has them (model.fused_layers). With LoRA, as train.py: adapters
-    put into the sharded base, and the reference is the policy with its adapters off."""
-    import deepspeed
-    import torch
-    from transformers import LlamaForCausalLM
+def made_in_zero_init(size: str) -> Callable:
+    """build.LoadModel of a size's shape: random weights (seed 0, so the reference starts as the
+    policy) made inside zero.Init, so no rank ever holds the whole model; the bench tokenizer."""
+    from grpo_ds.tools.bench.step_worker import build_tokenizer
 
-    from grpo_ds.cpu.fused_layers import apply_fused_layers
-    from grpo_ds.engine import build_policy, reference_ds_config, reference_engine
+    tokenizer = build_tokenizer(SIZES[size][0])  # EOS outside the vocab
 
-    config, fused_layers, adapters = llama_config(run.size), cfg.model.fused_layers, None
-    with peaks.phase("policy_build"):
+    def load(ds: dict):
+        import deepspeed
+        import torch
+        from transformers import LlamaForCausalLM
+
         torch.manual_seed(0)
         with deepspeed.zero.Init(config_dict_or_path=ds):
-            lm = LlamaForCausalLM(config)
-        if run.lora_rank:
-            from grpo_ds.lora import add_adapters
+            return LlamaForCausalLM(llama_config(size)), tokenizer
 
-            adapters = add_adapters(lm, cfg.model.lora, cfg.train.seed)
-        apply_fused_layers(lm, fused_layers)
-        policy = build_policy(lm, ds, run.chunk, run.checkpointing)
-    before, reference = memory_status()["rss"], None
-    if run.beta > 0 and adapters is not None:
-        from grpo_ds.lora import AdapterFreeReference
-
-        reference = AdapterFreeReference(policy, adapters)
-    elif run.reference != "none":
-        with peaks.phase("reference_build"):
-            ref_ds = reference_ds_config(ds, run.reference)
-            torch.manual_seed(0)  # the policy's weights
-            with deepspeed.zero.Init(config_dict_or_path=ref_ds):
-                ref_lm = LlamaForCausalLM(config)
-            reference = reference_engine(ref_lm, ref_ds, run.chunk,
-                                         lambda m: apply_fused_layers(m, fused_layers))
-    return {"config": config, "policy": policy, "reference": reference,
-            "reference_rss": {"before_build": before, "after_build": memory_status()["rss"]}}
+    return load
 
 
 def build_critic(ctx: dict, peaks: Peaks):
@@ -221,7 +203,7 @@ def build_critic(ctx: dict, peaks: Peaks):
     with peaks.phase("critic_build"):
         torch.manual_seed(1)
         with deepspeed.zero.Init(config_dict_or_path=ds):
-            model = build_value_model(ctx["engines"]["config"])
+            model = build_value_model(llama_config(ctx["run"].size))
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                           config=ds)
     return engine, sum(p.ds_numel for p in model.parameters())
@@ -240,14 +222,14 @@ def grpo_step(ctx: dict, peaks: Peaks, step: int, critic=None) -> dict:
     cfg, plan, e = ctx["cfg"], ctx["plan"], ctx["engines"]
     with peaks.phase("generation"):
         sampled = generate_and_score(
-            cfg, ctx["rollout"], ctx["tokenizer"], ctx["rows"], [even_share], ["even_share"],
+            cfg, e.rollout, e.tokenizer, ctx["rows"], [even_share], ["even_share"],
             sample_seed(cfg.train.seed, step, ctx["rank"]))
         batch, rewards = sampled.batch.slice(0, len(sampled.batch)), sampled.rewards
-    if e["reference"] is not None:
+    if e.reference is not None:
         with peaks.phase("reference"):
             batch = dataclasses.replace(batch, ref_logprobs=forward_logprobs(
-                e["reference"], batch, plan.micro_batch_size, cfg.rollout.temperature))
-        e["reference_rss"].setdefault("after_forward", memory_status()["rss"])
+                e.reference, batch, plan.micro_batch_size, cfg.rollout.temperature))
+        ctx["reference_rss"].setdefault("after_forward", memory_status()["rss"])
     if critic is not None:
         with peaks.phase("critic_values"):
             old_values = critic_values(critic, batch, plan.micro_batch_size)
@@ -255,7 +237,7 @@ def grpo_step(ctx: dict, peaks: Peaks, step: int, critic=None) -> dict:
     batch = dataclasses.replace(batch, advantages=scored.advantages,
                                 completion_mask=scored.completion_mask)
     with peaks.phase("update"):
-        metrics = {k: m.value for k, m in update(e["policy"], batch, cfg, plan).metrics.items()}
+        metrics = {k: m.value for k, m in update(e.policy, batch, cfg, plan).metrics.items()}
     if critic is not None:
         with peaks.phase("critic_update"):
             critic_update(critic, batch, old_values, rewards, plan.micro_batch_size,
@@ -264,24 +246,33 @@ def grpo_step(ctx: dict, peaks: Peaks, step: int, critic=None) -> dict:
 
 
 def setup(run: Run, peaks: Peaks) -> dict:
+    """The run's engines through build.build_engines, as `grpo-ds train` builds them (the model
+    made from the size's shape), and this rank's prompts."""
     import torch
     from deepspeed import comm as dist
 
-    from grpo_ds.rollout import HybridRollout
-    from grpo_ds.tools.bench.step_worker import build_tokenizer
+    from grpo_ds.build import build_engines
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg, plan, ds = run_config(run, world)
-    ctx = {"cfg": cfg, "plan": plan, "ds": ds, "rank": rank, "world": world,
-           "planned": planned(run, cfg, ds, world) if rank == 0 else None}
-    ctx["engines"] = build_engines(run, cfg, ds, peaks)
-    ctx["tokenizer"] = tokenizer = build_tokenizer(SIZES[run.size][0])  # EOS outside the vocab
-    ctx["rollout"] = HybridRollout(ctx["engines"]["policy"].module.lm, tokenizer.pad_token_id,
-                                   gather=run.gather, tokenizer=tokenizer)
+    setup_plan = run_config(run, world)
+    cfg, plan, ds = setup_plan.cfg, setup_plan.plan, setup_plan.ds
+    ctx = {"run": run, "cfg": cfg, "plan": plan, "ds": ds, "rank": rank, "world": world,
+           "planned": planned(run, cfg, ds, world) if rank == 0 else None, "reference_rss": {}}
+
+    @contextmanager
+    def metered(name: str):  # each build phase's peak; the RSS before a reference is built
+        with peaks.phase(name):
+            yield
+        if name == "policy_build":
+            ctx["reference_rss"]["before_build"] = memory_status()["rss"]
+
+    ctx["engines"] = e = build_engines(setup_plan, made_in_zero_init(run.size),
+                                       say=lambda _: None, phase=metered)
+    ctx["reference_rss"]["after_build"] = memory_status()["rss"]
     g = torch.Generator().manual_seed(1000 + rank)
     ids = torch.randint(1, SIZES[run.size][0], (plan.prompts_per_rank, run.prompt_len),
                         generator=g).tolist()
-    ctx["rows"] = [{"prompt": tokenizer.decode(p), "prompt_ids": p} for p in ids]
+    ctx["rows"] = [{"prompt": e.tokenizer.decode(p), "prompt_ids": p} for p in ids]
     return ctx
 
 
@@ -311,7 +302,7 @@ def worker(run: Run, out: str) -> None:
     say(rank, f"{run.preset}/{run.size}: engines built")
     steps = [grpo_step(ctx, peaks, s) for s in range(1, run.steps + 1)]
     mine = {"grpo_peak": peaks.overall(), **live_models(), "grpo_phases": dict(peaks.host),
-            "grpo_seconds": dict(peaks.seconds), "reference_rss": ctx["engines"]["reference_rss"],
+            "grpo_seconds": dict(peaks.seconds), "reference_rss": ctx["reference_rss"],
             "device_phases": dict(peaks.device), "steps": steps, "timeline": peaks.timeline}
     say(rank, f"{run.preset}/{run.size}: GRPO steps done, peak {mine['grpo_peak'] / GIB:.2f} GiB")
     if run.critic:
