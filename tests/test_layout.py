@@ -76,3 +76,19 @@ def test_no_import_cycles():
     for name in sorted(edges):
         if name not in state:
             visit(name, [])
+
+
+# The benchmarks that time or measure whole GRPO steps build through grpo_ds.build, as train.py
+# does; the pieces build.py wires must not be wired again in them.
+STEP_BENCHES = ("grpo_ds.tools.bench.step_worker", "grpo_ds.tools.bench.memory_worker")
+WIRING = ("grpo_ds.engine.build_policy", "grpo_ds.engine.build_reference",
+          "grpo_ds.engine.reference_engine", "grpo_ds.engine.load_sharded",
+          "grpo_ds.rollout.HybridRollout", "grpo_ds.rollout.engine.HybridRollout",
+          "grpo_ds.rollout.select.build_rollout", "grpo_ds.lora.add_adapters")
+
+
+def test_step_benches_build_through_the_builder():
+    for name in STEP_BENCHES:
+        found = imports_of(ROOT / "tools" / "bench" / (name.split(".")[-1] + ".py"))
+        assert "grpo_ds.build" in found, name
+        assert not found & set(WIRING), f"{name} wires {sorted(found & set(WIRING))} itself"
