@@ -47,6 +47,11 @@ def test_lora_bars_from_measured_results():
     assert bars["lora_planner_within_20pct"]
     assert bars["lora_over_full"] == {"1.1B": pytest.approx({"peak": 0.5,
                                                              "seconds_per_step": 0.5})}
+    # 7B over 1.1B: 6.74e9 / 1.1e9 = 6.127x the parameters in 8 / 10 = 0.8x the peak per rank,
+    # so 0.8 / 6.127 = 0.1306x the bytes per parameter, in 400 / 100 = 4x the step time
+    assert bars["largest_lora_over_largest_full"] == pytest.approx(
+        {"params": 6.127, "peak": 0.8, "bytes_per_param": 0.1306, "seconds_per_step": 4.0},
+        rel=1e-3)
     assert memory.bars(report)["lora_largest_completed"] == "7B"  # wired into the bench's bars
 
 
@@ -54,4 +59,4 @@ def test_lora_bars_when_nothing_completed():
     bars = lora_memory.lora_bars({"lora": {"7B": {"error": "killed"}}})
     assert bars["lora_largest_completed"] is None and not bars["lora_at_least_6_5B"]
     assert bars["lora_reference_engines"] is None and not bars["lora_planner_within_20pct"]
-    assert bars["lora_over_full"] == {}
+    assert bars["lora_over_full"] == {} and bars["largest_lora_over_largest_full"] is None

@@ -68,7 +68,8 @@ def _completed(results: dict) -> list[tuple[str, dict]]:
 
 def lora_bars(report: dict) -> dict:
     """The lora section's bars: largest LoRA size completed, reference engines it built, the
-    planner against each peak, and LoRA over full fine-tuning where both ran at one size."""
+    planner against each peak, LoRA over full fine-tuning where both ran at one size, and the
+    largest LoRA run over the largest full fine-tuning run."""
     lora, full = _completed(report.get("lora", {})), _completed(report.get("lora_full", {}))
     ratios = [r["planned_over_measured"] for _, r in lora + full]
     largest = lora[-1] if lora else None
@@ -89,4 +90,17 @@ def lora_bars(report: dict) -> dict:
             "peak": max(r["measured_peak_bytes_per_rank"])
             / max(fulls[k]["measured_peak_bytes_per_rank"]),
             "seconds_per_step": r["seconds_per_step"] / fulls[k]["seconds_per_step"]}
-            for k, r in lora if k in shared}}
+            for k, r in lora if k in shared},
+        "largest_lora_over_largest_full": _largest_over_largest(largest, full[-1] if full else None)}
+
+
+def _largest_over_largest(lora: tuple | None, full: tuple | None) -> dict | None:
+    """The largest LoRA run against the largest full fine-tuning run: how many times the
+    parameters, in how many times the peak per rank (bytes per parameter: peak / params)."""
+    if lora is None or full is None:
+        return None
+    (_, l), (_, f) = lora, full
+    peak = max(l["measured_peak_bytes_per_rank"]) / max(f["measured_peak_bytes_per_rank"])
+    params = l["params"] / f["params"]
+    return {"params": params, "peak": peak, "bytes_per_param": peak / params,
+            "seconds_per_step": l["seconds_per_step"] / f["seconds_per_step"]}
