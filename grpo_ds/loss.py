@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
@@ -90,58 +91,57 @@ def per_token_kl(
     raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
-def grpo_loss(
-    policy_logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    completion_mask: torch.Tensor,
-    *,
-    epsilon_low: float = 0.2,
-    epsilon_high: float | None = None,
-    beta: float = 0.0,
-    kl_estimator: str = "k3",
-    aggregation: str = "grpo",
-    num_sequences: int | None = None,
-    num_tokens: int | None = None,
-    num_micro_batches: int | None = None,
-    max_completion_length: int | None = None,
-    entropy: torch.Tensor | None = None,
-    policy_loss: str = "clip",
-    ratio_level: str = "token",
-    clip_ratio_c: float | None = None,
-    sampled_logprobs: torch.Tensor | None = None,
-    importance_sampling: str = "none",
-    importance_sampling_cap: float = 2.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss's hyperparameters, the same for every micro-batch of a run (config: grpo.*).
+    `grpo_loss` takes them by name; they are checked when made."""
+
+    epsilon_low: float = 0.2  # clip range below 1 (PPO's epsilon)
+    epsilon_high: float | None = None  # clip range above 1 (DAPO's clip-higher); None: epsilon_low
+    beta: float = 0.0  # KL coefficient; ref_logprobs may be None only when it is 0
+    kl_estimator: str = "k3"  # KL_ESTIMATORS, see per_token_kl
+    aggregation: str = "grpo"  # AGGREGATIONS, see the module docstring
+    max_completion_length: int | None = None  # dr_grpo's constant normaliser (required for it)
+    policy_loss: str = "clip"  # "clip" | "cispo" (loss_variants.py)
+    ratio_level: str = "token"  # "token" | "sequence" | "sequence_token" (loss_variants.py)
+    clip_ratio_c: float | None = None  # dual clip's cap on the ratio for A < 0; None = off
+    # rollout correction (TIS/MIS): "none", "token_truncate", "token_mask", "sequence_truncate",
+    # "sequence_mask"; its weight multiplies the policy term, not the KL term
+    importance_sampling: str = "none"
+    importance_sampling_cap: float = 2.0
+
+    def __post_init__(self):
+        if self.epsilon_high is None:
+            object.__setattr__(self, "epsilon_high", self.epsilon_low)
+        _check_settings(self)
+        check_variant_args(self.policy_loss, self.ratio_level, self.clip_ratio_c,
+                           self.importance_sampling, self.importance_sampling_cap)
+
+
+def grpo_loss(policy_logprobs: torch.Tensor, old_logprobs: torch.Tensor | None,
+              ref_logprobs: torch.Tensor | None, advantages: torch.Tensor,
+              completion_mask: torch.Tensor, *, num_sequences: int | None = None,
+              num_tokens: int | None = None, num_micro_batches: int | None = None,
+              entropy: torch.Tensor | None = None, sampled_logprobs: torch.Tensor | None = None,
+              **settings) -> tuple[torch.Tensor, dict[str, float]]:
     """GRPO loss of one micro-batch, scaled as its share of the whole optimizer step.
 
     policy_logprobs [N, T]: log pi_theta of the sampled tokens (carries the gradient).
     old_logprobs [N, T] or None: log pi_old at sampling time; None means mu = 1 (ratio == 1).
-    ref_logprobs [N, T] or None: log pi_ref; may be None only when beta == 0. When given with
-        beta == 0 it is used for the "kl" metric only.
-    advantages [N] (outcome, broadcast over tokens) or [N, T] (process supervision); treated as
-        constants (detached).
+    ref_logprobs [N, T] or None: log pi_ref; with beta == 0 it feeds the "kl" metric only.
+    advantages [N] (outcome, broadcast over tokens) or [N, T] (process supervision); detached.
     completion_mask [N, T]: 1 for completion tokens, 0 for padding. Values at padded positions are
         ignored, even NaN/inf, and sequences with no tokens add 0 (no NaN).
-    num_sequences, num_tokens: GLOBAL counts of the optimizer step (all ranks and micro-batches;
-        python numbers). None means this call is the whole step (use this call's N / mask.sum()).
-    num_micro_batches: micro-batches in the step, all ranks ("bnpo" only; None = 1).
-    max_completion_length: the constant length normaliser of "dr_grpo" (required for it).
-    entropy [N, T] or None: per-token entropy, only for the "entropy" metric.
-    policy_loss ("clip" | "cispo"), ratio_level ("token" | "sequence" | "sequence_token"),
-        clip_ratio_c (dual clip; None = off): the variants of loss_variants.py.
-    sampled_logprobs [N, T] or None: the sampler's log-probs, for importance_sampling (TIS/MIS:
-        "none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask") with the
-        cap importance_sampling_cap. The weight multiplies the policy term, not the KL term.
+    num_sequences, num_tokens: GLOBAL counts of the optimizer step (all ranks and micro-batches);
+        None means this call is the whole step. num_micro_batches: "bnpo" only (None = 1).
+    entropy [N, T] or None: per-token entropy, for the "entropy" metric only.
+    sampled_logprobs [N, T] or None: the sampler's log-probs, for importance_sampling.
+    **settings: LossSettings' fields by name (epsilon_low=0.2, beta=0.04, aggregation=...).
 
     Returns (loss: 0-dim tensor, metrics: dict of python floats, see `_loss_metrics`).
     """
-    epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
-    _check_args(policy_logprobs, advantages, completion_mask, ref_logprobs, beta, kl_estimator,
-                aggregation, max_completion_length, epsilon_low, epsilon_high)
-    check_variant_args(policy_loss, ratio_level, clip_ratio_c, importance_sampling,
-                       importance_sampling_cap, sampled_logprobs)
+    s = LossSettings(**settings)
+    _check_tensors(policy_logprobs, advantages, completion_mask, ref_logprobs, sampled_logprobs, s)
     mask = completion_mask.bool()
     dtype = torch.promote_types(policy_logprobs.dtype, torch.float32)
 
@@ -155,25 +155,24 @@ def grpo_loss(
     adv = valid(adv[:, None].expand_as(policy) if adv.dim() == 1 else adv)
 
     # [N, T], or [N, 1] at the sequence level; exactly 1 in value when old is None
-    ratio = torch.exp(importance_log_ratio(policy, old, mask, ratio_level))
-    per_token = policy_token_loss(ratio, policy, adv, policy_loss, epsilon_low, epsilon_high,
-                                  clip_ratio_c)
+    ratio = torch.exp(importance_log_ratio(policy, old, mask, s.ratio_level))
+    per_token = policy_token_loss(ratio, policy, adv, s.policy_loss, s.epsilon_low,
+                                  s.epsilon_high, s.clip_ratio_c)
     is_sums = None
-    if importance_sampling != "none":
+    if s.importance_sampling != "none":
         weight, is_sums = rollout_correction(old.detach(), valid(sampled_logprobs), mask,
-                                             importance_sampling, importance_sampling_cap)
+                                             s.importance_sampling, s.importance_sampling_cap)
         per_token = per_token * weight
-    kl = None
-    if ref_logprobs is not None:
-        kl = per_token_kl(policy, valid(ref_logprobs), kl_estimator)
-        if beta != 0.0:
-            per_token = per_token + beta * kl
+    kl = None if ref_logprobs is None else per_token_kl(policy, valid(ref_logprobs),
+                                                         s.kl_estimator)
+    if s.beta != 0.0:
+        per_token = per_token + s.beta * kl
     per_token = torch.where(mask, per_token, 0.0)
 
-    loss = _aggregate(per_token, mask, aggregation, num_sequences, num_tokens,
-                      num_micro_batches, max_completion_length)
-    flags = clip_flags(ratio.detach(), adv, mask, policy_loss, epsilon_low, epsilon_high,
-                       clip_ratio_c)
+    loss = _aggregate(per_token, mask, s.aggregation, num_sequences, num_tokens,
+                      num_micro_batches, s.max_completion_length)
+    flags = clip_flags(ratio.detach(), adv, mask, s.policy_loss, s.epsilon_low, s.epsilon_high,
+                       s.clip_ratio_c)
     metrics = _loss_metrics(loss, ratio.detach().expand_as(policy), adv, mask, flags, kl,
                             entropy, is_sums)
     return loss, metrics
@@ -262,21 +261,26 @@ def _with_means(raw: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _check_args(policy, advantages, mask, ref, beta, kl_estimator, aggregation,
-                max_completion_length, epsilon_low, epsilon_high):
+def _check_settings(s: LossSettings) -> None:
+    if s.kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {s.kl_estimator!r}")
+    if s.aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {s.aggregation!r}")
+    if s.aggregation == "dr_grpo" and not s.max_completion_length:
+        raise ValueError("aggregation='dr_grpo' needs max_completion_length")
+    if s.epsilon_low < 0 or s.epsilon_high < 0:
+        raise ValueError(f"clip epsilons must be >= 0, got {s.epsilon_low}, {s.epsilon_high}")
+
+
+def _check_tensors(policy, advantages, mask, ref, sampled, s: LossSettings) -> None:
     if policy.dim() != 2 or mask.shape != policy.shape:
         raise ValueError(f"policy_logprobs and completion_mask must both be [N, T], got "
                          f"{tuple(policy.shape)} and {tuple(mask.shape)}")
     if advantages.shape not in (policy.shape[:1], policy.shape):
         raise ValueError(f"advantages must be [N] or [N, T], got {tuple(advantages.shape)} "
                          f"for logprobs {tuple(policy.shape)}")
-    if ref is None and beta != 0.0:
+    if ref is None and s.beta != 0.0:
         raise ValueError("beta != 0 needs ref_logprobs")
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    if aggregation == "dr_grpo" and not max_completion_length:
-        raise ValueError("aggregation='dr_grpo' needs max_completion_length")
-    if epsilon_low < 0 or epsilon_high < 0:
-        raise ValueError(f"clip epsilons must be >= 0, got {epsilon_low}, {epsilon_high}")
+    if s.importance_sampling != "none" and sampled is None:
+        raise ValueError(f"importance_sampling={s.importance_sampling!r} needs the sampler's "
+                         "log-probs (sampled_logprobs); this rollout backend returns none")

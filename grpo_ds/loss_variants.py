@@ -119,8 +119,7 @@ def rollout_correction(old: torch.Tensor, sampled: torch.Tensor, mask: torch.Ten
 
 
 def check_variant_args(policy_loss: str, ratio_level: str, clip_ratio_c: float | None,
-                       importance_sampling: str, importance_sampling_cap: float,
-                       sampled_logprobs) -> None:
+                       importance_sampling: str, importance_sampling_cap: float) -> None:
     if policy_loss not in POLICY_LOSSES:
         raise ValueError(f"policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
     if ratio_level not in RATIO_LEVELS:
@@ -134,8 +133,5 @@ def check_variant_args(policy_loss: str, ratio_level: str, clip_ratio_c: float |
     if importance_sampling not in IMPORTANCE_SAMPLING:
         raise ValueError(f"importance_sampling must be one of {IMPORTANCE_SAMPLING}, "
                          f"got {importance_sampling!r}")
-    if importance_sampling != "none" and sampled_logprobs is None:
-        raise ValueError(f"importance_sampling={importance_sampling!r} needs the sampler's "
-                         "log-probs (sampled_logprobs); this rollout backend returns none")
     if not importance_sampling_cap >= 1.0:
         raise ValueError(f"importance_sampling_cap must be >= 1, got {importance_sampling_cap}")

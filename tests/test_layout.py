@@ -92,3 +92,17 @@ def test_step_benches_build_through_the_builder():
         found = imports_of(ROOT / "tools" / "bench" / (name.split(".")[-1] + ".py"))
         assert "grpo_ds.build" in found, name
         assert not found & set(WIRING), f"{name} wires {sorted(found & set(WIRING))} itself"
+
+
+def test_files_and_functions_stay_small():
+    """STYLE.md: files under about 400 lines, functions under about 60 (decorators excluded)."""
+    long_files, long_functions = [], []
+    for path in ROOT.rglob("*.py"):
+        text = path.read_text()
+        if text.count("\n") > 400:
+            long_files.append(f"{path.name}: {text.count(chr(10))}")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > 60:
+                    long_functions.append(f"{path.name}:{node.lineno} {node.name}")
+    assert not long_files and not long_functions, (long_files, long_functions)

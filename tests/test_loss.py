@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grpo_ds.advantages import group_advantages
-from grpo_ds.loss import grpo_loss, merge_loss_metrics, per_token_kl
+from grpo_ds.loss import LossSettings, grpo_loss, merge_loss_metrics, per_token_kl
 
 F64 = torch.float64
 
@@ -272,3 +272,15 @@ def test_argument_errors():
         grpo_loss(policy, old, ref, adv, mask, beta=0.1, kl_estimator="k4")
     with pytest.raises(ValueError, match="advantages"):
         grpo_loss(policy, old, ref, adv[:3], mask)
+
+
+def test_loss_settings_are_checked_when_made_and_named():
+    assert LossSettings(epsilon_low=0.3).epsilon_high == 0.3  # symmetric clip unless told
+    assert LossSettings(epsilon_low=0.2, epsilon_high=0.28).epsilon_high == 0.28
+    with pytest.raises(ValueError, match="aggregation"):
+        LossSettings(aggregation="seq_mean")
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        LossSettings(clip_ratio_c=0.5)
+    policy, old, ref, adv, mask = random_step()
+    with pytest.raises(TypeError, match="betta"):  # a misspelt setting is an error, not ignored
+        grpo_loss(policy, old, ref, adv, mask, betta=0.1)

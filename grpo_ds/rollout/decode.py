@@ -97,22 +97,12 @@ class _Written:
                    torch.zeros(rows, dtype=torch.bool, device=device))
 
 
-def decode(
-    forward,
-    cache,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    group_size: int,
-    params: SamplingParams,
-    uniforms: torch.Tensor | None,
-    stops: StopChecker,
-    pad_token_id: int,
-    any_rank: Callable[[bool], bool] | None = None,
-    compact: bool = True,
-    past_mask: torch.Tensor | None = None,
-    on_retire: Callable | None = None,
-    history: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> DecodeResult:
+def decode(forward, cache, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group_size: int,
+           params: SamplingParams, uniforms: torch.Tensor | None, stops: StopChecker,
+           pad_token_id: int, any_rank: Callable[[bool], bool] | None = None,
+           compact: bool = True, past_mask: torch.Tensor | None = None,
+           on_retire: Callable | None = None,
+           history: tuple[torch.Tensor, torch.Tensor] | None = None) -> DecodeResult:
     """Run prefill + decode for prompts [N, Tp] (left-padded) and G samples each.
 
     `forward(ids, mask, positions, cache) -> logits [B, V]` for the last position;
