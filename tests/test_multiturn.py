@@ -3,8 +3,6 @@ the loss, limits kept, and max_turns=1 identical to the single-turn rollout and 
 
 import pytest
 import torch
-from torch import nn
-from transformers import LlamaForCausalLM
 
 from grpo_ds.agents.environment import ToolEnvironment
 from grpo_ds.agents.rollout import MultiTurnRollout
@@ -12,32 +10,13 @@ from grpo_ds.agents.tools import CallFormat
 from grpo_ds.loss import grpo_loss
 from grpo_ds.model import CausalLMWithLogprobs
 from grpo_ds.rollout import HybridRollout, SamplingParams, logprob_gap
-from tests.tiny_models import llama_config, text_tokenizer
-
-
-def calc(a: int, b: int) -> int:
-    """Multiply two integers.
-
-    Args:
-        a: The first factor.
-        b: The second factor.
-    """
-    return a * b
+from tests.tiny_models import calc, text_tokenizer, tool_calling_llama
 
 
 @pytest.fixture(scope="module")
 def setup():
     tok = text_tokenizer()
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(llama_config(tok)).eval()
-    # A head whose bias makes "[" and "]" (the call markers) likely: random turns make calls
-    head = nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=True)
-    with torch.no_grad():
-        head.weight.copy_(lm.lm_head.weight)
-        head.bias.zero_()
-        head.bias[tok.convert_tokens_to_ids("[")] = 3.0
-        head.bias[tok.convert_tokens_to_ids("]")] = 3.0
-    lm.lm_head = head
+    lm = tool_calling_llama(tok)
     prompts = [tok(p)["input_ids"] for p in ("3*4=", "12*5=", "7*7=")]
     params = SamplingParams(max_new_tokens=12, temperature=1.0, stop_token_ids=(tok.eos_token_id,))
     return tok, lm, prompts, params

@@ -6,40 +6,19 @@ import logging
 
 import pytest
 import torch
-from torch import nn
-from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import MistralConfig, MistralForCausalLM
 
 from grpo_ds.agents.environment import ToolEnvironment
 from grpo_ds.agents.rollout import MultiTurnRollout
 from grpo_ds.agents.tools import CallFormat
 from grpo_ds.rollout import HybridRollout, SamplingParams
-from tests.tiny_models import llama_config, text_tokenizer
-
-
-def calc(a: int, b: int) -> int:
-    """Multiply two integers.
-
-    Args:
-        a: The first factor.
-        b: The second factor.
-    """
-    return a * b
+from tests.tiny_models import calc, text_tokenizer, tool_calling_llama
 
 
 @pytest.fixture(scope="module")
 def setup():
     tok = text_tokenizer()
-    torch.manual_seed(0)
-    lm = LlamaForCausalLM(llama_config(tok)).double().eval()
-    # "[" and "]" (the call markers) and digits likely: random turns make calls, some valid
-    head = nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=True).double()
-    with torch.no_grad():
-        head.weight.copy_(lm.lm_head.weight)
-        head.bias.zero_()
-        head.bias[tok.convert_tokens_to_ids("[")] = 4.5
-        head.bias[tok.convert_tokens_to_ids("]")] = 3.0
-        head.bias[tok.convert_tokens_to_ids(list("0123456789,"))] = 1.0
-    lm.lm_head = head
+    lm = tool_calling_llama(tok, open_bias=4.5, digit_bias=1.0, dtype=torch.float64)
     prompts = [tok(p)["input_ids"] for p in ("3*4=", "12*5=", "7*7=")]
     return tok, lm, prompts
 

@@ -48,6 +48,39 @@ def save_reward_model(path: Path, tokenizer) -> Path:
     return path
 
 
+def calc(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first factor.
+        b: The second factor.
+    """
+    return a * b
+
+
+def tool_calling_llama(tokenizer, open_bias: float = 3.0, digit_bias: float = 0.0,
+                       dtype=None) -> LlamaForCausalLM:
+    """A random tiny Llama (seed 0, eval mode) whose head's bias makes "[" (by `open_bias`) and
+    "]" (the call markers), and with `digit_bias` the digits and ",", likely: random turns make
+    tool calls, some valid. The tests' multi-turn model; `calc` is their tool."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    dtype = dtype or torch.float32
+    lm = LlamaForCausalLM(llama_config(tokenizer)).to(dtype).eval()
+    head = nn.Linear(lm.config.hidden_size, lm.config.vocab_size, bias=True).to(dtype)
+    with torch.no_grad():
+        head.weight.copy_(lm.lm_head.weight)
+        head.bias.zero_()
+        head.bias[tokenizer.convert_tokens_to_ids("[")] = open_bias
+        head.bias[tokenizer.convert_tokens_to_ids("]")] = 3.0
+        if digit_bias:
+            head.bias[tokenizer.convert_tokens_to_ids(list("0123456789,"))] = digit_bias
+    lm.lm_head = head
+    return lm
+
+
 def tiny_qwen2(vocab: int = 32, seed: int = 0):
     """A random Qwen2 causal LM: q/k/v projections with biases (Llama's have none)."""
     import torch
