@@ -102,7 +102,7 @@ def test_files_and_functions_stay_small():
         if text.count("\n") > 400:
             long_files.append(f"{path.name}: {text.count(chr(10))}")
         for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                if node.end_lineno - node.lineno + 1 > 60:
-                    long_functions.append(f"{path.name}:{node.lineno} {node.name}")
+            functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+            if isinstance(node, functions) and node.end_lineno - node.lineno + 1 > 60:
+                long_functions.append(f"{path.name}:{node.lineno} {node.name}")
     assert not long_files and not long_functions, (long_files, long_functions)
