@@ -135,18 +135,12 @@ PrepareModel = Callable[[torch.nn.Module], object]  # Device.prepare_model: CPU 
 def build_reference(load_lm: Callable[[dict], torch.nn.Module], policy_ds: dict, placement: str,
                     chunk_size: int, prepare_model: PrepareModel | None = None):
     """The frozen reference: a separate engine, never stepped; None when placement is 'none'.
-    `load_lm(ds_config)` makes the start model partitioned under the reference's config."""
+    `load_lm(ds_config)` makes the start model partitioned under the reference's config;
+    `prepare_model(lm)` gives it the policy's kernels (the device layer's hook)."""
     if placement == "none":
         return None
     ds_config = reference_ds_config(policy_ds, placement)
-    return reference_engine(load_lm(ds_config), ds_config, chunk_size, prepare_model)
-
-
-def reference_engine(lm: torch.nn.Module, ds_config: dict, chunk_size: int,
-                     prepare_model: PrepareModel | None = None):
-    """Freeze `lm` (made under `ds_config`, a reference_ds_config) and wrap it as the reference
-    engine. `prepare_model(lm)` gives it the policy's kernels (the device layer's hook)."""
-    lm.requires_grad_(False)
+    lm = load_lm(ds_config).requires_grad_(False)
     if prepare_model is not None:
         prepare_model(lm)
     module = CausalLMWithLogprobs(lm, chunk_size=chunk_size)

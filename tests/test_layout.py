@@ -82,7 +82,7 @@ def test_no_import_cycles():
 # does; the pieces build.py wires must not be wired again in them.
 STEP_BENCHES = ("grpo_ds.tools.bench.step_worker", "grpo_ds.tools.bench.memory_worker")
 WIRING = ("grpo_ds.engine.build_policy", "grpo_ds.engine.build_reference",
-          "grpo_ds.engine.reference_engine", "grpo_ds.engine.load_sharded",
+          "grpo_ds.engine.load_sharded",
           "grpo_ds.rollout.HybridRollout", "grpo_ds.rollout.engine.HybridRollout",
           "grpo_ds.rollout.select.build_rollout", "grpo_ds.lora.add_adapters")
 

@@ -5,10 +5,10 @@
 A rank builds its engines with build.build_engines, as `grpo-ds train` does, from a model made
 inside `zero.Init` (random init, seed 0, so no rank ever holds a whole model), then runs real GRPO
 steps with the trainer's own functions: `generate_and_score` (the configured rollout),
-`forward_logprobs` on the reference, `score_advantages`, `update`. With `critic`, a value model of the policy's shape (grpo_ds/tools/critic.py: body + scalar
-head, its own AdamW, the same ZeRO config) is built next and the same steps run again with the
-critic's forward before the update and its forward+backward+step after it: the PPO-style step
-that GRPO avoids. Rank 0 writes every rank's peaks, phases and losses to F.
+`forward_logprobs` on the reference, `score_advantages`, `update`. With `critic`, a value model
+of the policy's shape (grpo_ds/tools/critic.py: body + scalar head, its own AdamW, the same ZeRO
+config) is built next and the same steps run again with the critic's forward before the update
+and its forward+backward+step after it: the PPO-style step that GRPO avoids. Rank 0 writes every rank's peaks, phases and losses to F.
 
 Peak per rank = the kernel's RSS high-water mark (VmHWM), restarted at every phase boundary
 (/proc/self/clear_refs) and folded into a per-phase maximum, so the maximum over phases is the
@@ -25,9 +25,9 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from grpo_ds.tools.bench.common import (
     device_peak,
@@ -36,6 +36,9 @@ from grpo_ds.tools.bench.common import (
     say,
     start_memory_guard,
 )
+
+if TYPE_CHECKING:  # the launcher imports this module; the builder loads deepspeed
+    from grpo_ds.build import LoadModel
 
 GIB = 2**30
 GUARD_BYTES = 1 * GIB  # a rank exits when the machine has less than this available
@@ -167,7 +170,7 @@ class Peaks:
         return max(self.host.values())
 
 
-def made_in_zero_init(size: str) -> Callable:
+def made_in_zero_init(size: str) -> LoadModel:
     """build.LoadModel of a size's shape: random weights (seed 0, so the reference starts as the
     policy) made inside zero.Init, so no rank ever holds the whole model; the bench tokenizer."""
     from grpo_ds.tools.bench.step_worker import build_tokenizer
