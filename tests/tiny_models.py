@@ -81,6 +81,19 @@ def tool_calling_llama(tokenizer, open_bias: float = 3.0, digit_bias: float = 0.
     return lm
 
 
+def save_arithmetic_lm(path: Path):
+    """The start model of the multi-rank GRPO scripts: a 2-layer Llama (hidden 32, seed 0) over
+    the arithmetic task's tokenizer, written with that tokenizer to `path`."""
+    from grpo_ds.model import build_tiny_llama
+    from grpo_ds.tasks.arithmetic import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    lm = build_tiny_llama(len(tokenizer), 32, 2, 4, 64, {"bos_token_id": 1, "eos_token_id": 2,
+                                                          "pad_token_id": 0}, seed=0)
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def tiny_qwen2(vocab: int = 32, seed: int = 0):
     """A random Qwen2 causal LM: q/k/v projections with biases (Llama's have none)."""
     import torch

@@ -11,14 +11,15 @@ import deepspeed
 import deepspeed.comm as dist
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for tests.tiny_models
+
 from grpo_ds.build import build_run
 from grpo_ds.checkpoint import Checkpointer, RunState
 from grpo_ds.config import load_config
 from grpo_ds.engine import finish_rank, init_distributed
 from grpo_ds.metrics import RunLogger
-from grpo_ds.model import build_tiny_llama
-from grpo_ds.tasks.arithmetic import build_tokenizer
 from grpo_ds.trainer import run_grpo
+from tests.tiny_models import save_arithmetic_lm
 
 
 def full_params(engine) -> dict[str, torch.Tensor]:
@@ -47,13 +48,9 @@ def main() -> None:
                              "--model.fused_layers=on", "--model.onednn_linears=on",
                              "--model.gradient_checkpointing=true", "--model.dtype=float32",
                              "--train.logprob_chunk_size=64"])
-    tokenizer = build_tokenizer()
     model_dir = out_dir / "init_model"
     if rank == 0:
-        lm = build_tiny_llama(len(tokenizer), 32, 2, 4, 64, {"bos_token_id": 1,
-                              "eos_token_id": 2, "pad_token_id": 0}, seed=0)
-        lm.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+        save_arithmetic_lm(model_dir)
     dist.barrier()
     # the builder `grpo-ds train` uses: plan, device, arithmetic prompts, engines, rollout
     run = build_run(cfg, rank, world, str(model_dir), reward_fns=[leading_one], say=lambda _: None)

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import deepspeed.comm as dist
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, for tests.tiny_models
+
 from grpo_ds.build import build_run
 from grpo_ds.config import load_config
 from grpo_ds.engine import finish_rank, init_distributed
-from grpo_ds.model import build_tiny_llama
-from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask, build_tokenizer
+from grpo_ds.tasks.arithmetic import ArithmeticSource, ArithmeticTask
 from grpo_ds.trainer import grpo_step
+from tests.tiny_models import save_arithmetic_lm
 
 GROUP = 4
 CALLS = [0]
@@ -58,13 +60,9 @@ def main() -> None:
                              "--train.micro_batch_size=4", "--grpo.beta=0.0",
                              "--rollout.max_new_tokens=6", "--grpo.filter_tied_groups=true",
                              "--grpo.refill_max_rounds=3", "--train.lr=0.01"])
-    tokenizer = build_tokenizer()
     model_dir = out_dir / "init_model"
     if rank == 0:
-        lm = build_tiny_llama(len(tokenizer), 32, 2, 4, 64, {"bos_token_id": 1,
-                              "eos_token_id": 2, "pad_token_id": 0}, seed=0)
-        lm.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+        save_arithmetic_lm(model_dir)
     dist.barrier()
     source = ArithmeticSource(ArithmeticTask(digits=2, eval_size=8), cfg.train.prompts_per_step,
                               rank, world, seed=0)
